@@ -1,0 +1,71 @@
+"""Attention and RMSNorm kernels: the portable reference path every backend falls back to.
+
+Tensors follow one convention so that vendor kernels can be swapped in: queries ``[batch, heads,
+q_len, head_dim]``, keys and values ``[batch, kv_groups, kv_len, head_dim]`` (not yet expanded to
+the query heads; query head ``h`` uses group ``h // (heads // kv_groups)``), and an optional boolean
+mask ``[batch, 1, q_len, kv_len]`` where True means "may attend".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool, float], torch.Tensor]
+RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel choices a backend makes; the model calls these and nothing device-specific."""
+
+    name: str
+    attention: AttentionFn
+    rms_norm: RMSNormFn
+
+
+def expand_kv_groups(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat each key/value group for the query heads that share it (head h -> group h // per_group)."""
+    groups = kv.shape[1]
+    if groups == num_heads:
+        return kv
+    return kv.repeat_interleave(num_heads // groups, dim=1)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, scale: float
+) -> torch.Tensor:
+    """Portable path: torch's fused scaled-dot-product attention, available on every device."""
+    k = expand_kv_groups(k, q.shape[1])
+    v = expand_kv_groups(v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, scale: float
+) -> torch.Tensor:
+    """Reference path written out op by op (fp32 scores and softmax), for tests and debugging."""
+    k = expand_kv_groups(k, q.shape[1])
+    v = expand_kv_groups(v, q.shape[1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is None and causal:
+        q_len, kv_len = scores.shape[-2:]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as ChatGLM2/3 define it: statistics and scaling in fp32, result in the input dtype."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return (weight.float() * (x32 * torch.rsqrt(variance + eps))).to(x.dtype)
+
+
+PORTABLE_KERNELS = Kernels(name="portable (sdpa)", attention=sdpa_attention, rms_norm=reference_rms_norm)
+REFERENCE_KERNELS = Kernels(name="reference (eager)", attention=eager_attention, rms_norm=reference_rms_norm)

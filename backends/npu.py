@@ -1,0 +1,131 @@
+"""The Ascend NPU backend: torch_npu (imported lazily and guarded), hccl, ASCEND_RT_VISIBLE_DEVICES.
+
+torch_npu is never imported unless this backend is asked about, so the CUDA path never touches it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Mapping, Optional
+
+import torch
+
+from .base import Availability, Backend
+from .kernels import Kernels, reference_rms_norm, sdpa_attention
+
+JIT_COMPILE_ENV = "GLM_PORTABLE_NPU_JIT_COMPILE"
+
+# What the Ascend recipe exports; a value the user already set always wins.
+HCCL_DEFAULTS: dict[str, str] = {
+    "HCCL_CONNECT_TIMEOUT": "7200",
+    "HCCL_WHITELIST_DISABLE": "1",
+    "TASK_QUEUE_ENABLE": "1",
+    "ASCEND_GLOBAL_LOG_LEVEL": "3",
+}
+
+# 910A (Atlas training series) fp16 spec; 910B SKUs differ, so they are left to --peak-tflops.
+NPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "910A": {"float16": 256.0},
+}
+
+
+def _import_torch_npu() -> tuple[Optional[ModuleType], str]:
+    """Import torch_npu, turning every way it can fail into a reason instead of an exception."""
+    if torch.backends.cuda.is_built():
+        return None, f"torch_npu cannot load beside a CUDA build of torch ({torch.__version__}); use a separate environment"
+    try:
+        return importlib.import_module("torch_npu"), ""
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "torch_npu":
+            return None, "torch_npu is not installed"
+        return None, f"torch_npu failed to import: {exc}"
+    except (OSError, RuntimeError) as exc:
+        return None, f"torch_npu failed to load (is CANN on the library path? `source env/npu.sh`): {exc}"
+
+
+@dataclass
+class NpuBackend(Backend):
+    name: str = "npu"
+    dist_backend: str = "hccl"
+    visible_devices_var: str | None = "ASCEND_RT_VISIBLE_DEVICES"
+    deepspeed_accelerator: str = "npu"
+    install_hint: str = (
+        "install torch_npu of the same version as torch on a CPU build of torch "
+        "(`pip install -e '.[npu]'`, torch_npu X.Y.Z matching torch X.Y.Z), then `source env/npu.sh` to load CANN"
+    )
+    peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: NPU_PEAK_TFLOPS)
+
+    def torch_npu(self) -> Optional[ModuleType]:
+        module, _ = _import_torch_npu()
+        return module
+
+    def availability(self) -> Availability:
+        module, reason = _import_torch_npu()
+        if module is None:
+            return Availability(False, reason)
+        if not self.module().is_available() or self.module().device_count() == 0:
+            visible = os.environ.get(self.visible_devices_var or "", "<unset>")
+            return Availability(False, f"torch_npu is installed but no NPU is visible (ASCEND_RT_VISIBLE_DEVICES={visible})")
+        return Availability(True)
+
+    def supports_bf16(self) -> bool:
+        """Atlas A2 (910B) has bf16; 910A does not and trains in fp16 with loss scaling."""
+        return self.is_available() and bool(self.module().is_bf16_supported())
+
+    def prepare_process(self) -> None:
+        """Prebuilt binary kernels (jit_compile off) unless the user asks otherwise.
+
+        Avoids the single-card ``embedding_dense_grad`` error and the slow operator compilation on 910A.
+        """
+        module = self.torch_npu()
+        if module is None:
+            return
+        jit = os.environ.get(JIT_COMPILE_ENV, "0").strip().lower() in {"1", "true", "yes", "on"}
+        module.npu.set_compile_mode(jit_compile=jit)
+        for key, value in HCCL_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+
+    def child_env(self, devices: list[int] | None = None) -> dict[str, str]:
+        env = super().child_env(devices)
+        env.update({key: os.environ.get(key, value) for key, value in HCCL_DEFAULTS.items()})
+        return env
+
+    def kernels(self, dtype: torch.dtype | None = None) -> Kernels:
+        """Fused attention where the hardware has it (A2, half dtypes), npu_rms_norm everywhere."""
+        module = self.torch_npu()
+        if module is None:
+            return super().kernels(dtype)
+        fused = dtype in (torch.float16, torch.bfloat16) and self.supports_bf16()
+        return Kernels(
+            name="npu (fusion attention, rms_norm)" if fused else "npu (rms_norm)",
+            attention=_npu_fusion_attention(module) if fused else sdpa_attention,
+            rms_norm=_npu_rms_norm(module),
+        )
+
+
+def _npu_fusion_attention(module: ModuleType):
+    def attention(q, k, v, mask, causal, scale):
+        """npu_fusion_attention in BNSD layout (it takes grouped K/V as is); its mask is True where *blocked*."""
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        if mask is None and causal:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)[None, None]
+        blocked = None if mask is None else ~mask
+        out = module.npu_fusion_attention(
+            q, k, v, q.shape[1], "BNSD", atten_mask=blocked, scale=scale, keep_prob=1.0, sparse_mode=0
+        )
+        return out[0]
+
+    return attention
+
+
+def _npu_rms_norm(module: ModuleType):
+    def rms_norm(x, weight, eps):
+        """npu_rms_norm computes in fp32 internally; fall back to the reference for mixed dtypes."""
+        if weight.dtype != x.dtype:
+            return reference_rms_norm(x, weight, eps)
+        return module.npu_rms_norm(x, weight, epsilon=eps)[0]
+
+    return rms_norm

@@ -1,0 +1,87 @@
+"""The command line: parses flags, calls the modules, turns user mistakes into exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from glm_portable.errors import UserError
+
+app = typer.Typer(
+    name="glm-portable",
+    help="Fine-tune ChatGLM models on CUDA GPUs, Ascend NPUs or CPUs with the same commands.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+@app.callback()
+def _root() -> None:
+    """Fine-tune ChatGLM models on CUDA GPUs, Ascend NPUs or CPUs with the same commands."""
+
+
+DeviceOption = typer.Option(
+    None, "--device", help="auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
+)
+
+
+@app.command("env")
+def env_command(
+    device: Optional[str] = DeviceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Show the selected backend and why, every backend's availability, devices, dtypes and versions."""
+    from glm_portable.environment import environment_report
+
+    report = environment_report(device)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    selected = report["selected"]
+    console.print(f"[bold]selected device:[/] {selected['device']}  ({selected['reason']})")
+    table = Table("backend", "available", "devices", "bf16", "default dtype", "dist", "kernels / reason")
+    for name, entry in report["backends"].items():
+        if entry["available"]:
+            names = ", ".join(sorted(set(entry["device_names"])))
+            table.add_row(
+                name, "yes", f"{entry['device_count']} × {names}", "yes" if entry["bf16"] else "no",
+                entry["default_dtype"], entry["dist_backend"], entry["kernels"],
+            )
+        else:
+            table.add_row(name, "[red]no[/]", "-", "-", "-", "-", entry["reason"])
+    console.print(table)
+    versions = Table("library", "version")
+    versions.add_row("python", report["python"])
+    for name, version in report["versions"].items():
+        versions.add_row(name, version or "[dim]not installed[/]")
+    console.print(versions)
+    if report["environment"]:
+        env_table = Table("variable", "value")
+        for key, value in report["environment"].items():
+            env_table.add_row(key, value)
+        console.print(env_table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
+
+    Usage errors are click's own (exit 2); anything that is neither is an internal error (exit 1).
+    """
+    try:
+        app(args=argv)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""A torch_npu test double: the documented API the NPU backend uses, computed with plain torch on CPU.
+
+Importing it registers the ``npu`` device type and ``torch.npu`` as the real package does. ``STATE``
+controls what the double reports (device count, SoC name, bf16 support) and records what the backend
+asked of it, so contract tests can check both results and calls.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+__version__ = torch.__version__.split("+")[0] + ".post0"
+
+
+@dataclass
+class FakeState:
+    device_count: int = 0
+    soc_name: str = "Ascend910B3"
+    compile_mode: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+
+    @property
+    def is_a2(self) -> bool:
+        return "910B" in self.soc_name or "910_93" in self.soc_name
+
+
+STATE = FakeState()
+
+
+def _set_compile_mode(jit_compile: bool = True) -> None:
+    STATE.compile_mode = {"jit_compile": jit_compile}
+
+
+def _manual_seed_all(seed: int) -> None:
+    STATE.seeds.append(seed)
+
+
+npu = types.ModuleType("torch_npu.npu")
+npu.is_available = lambda: STATE.device_count > 0
+npu.device_count = lambda: STATE.device_count
+npu.set_device = lambda index: STATE.calls.append(("set_device", index))
+npu.current_device = lambda: 0
+npu.synchronize = lambda device=None: STATE.calls.append(("synchronize", device))
+npu.get_device_name = lambda index=0: STATE.soc_name
+npu.is_bf16_supported = lambda: STATE.is_a2
+npu.manual_seed = _manual_seed_all
+npu.manual_seed_all = _manual_seed_all
+npu.memory_allocated = lambda device=None: 0
+npu.max_memory_allocated = lambda device=None: 0
+npu.memory_reserved = lambda device=None: 0
+npu.reset_peak_memory_stats = lambda device=None: None
+npu.set_compile_mode = _set_compile_mode
+npu._is_in_bad_fork = lambda: False
+
+torch.utils.rename_privateuse1_backend("npu")
+torch._register_device_module("npu", npu)
+
+
+def _to_bnsd(x: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:
+    if layout == "BNSD":
+        return x
+    if layout == "BSND":
+        return x.transpose(1, 2)
+    if layout == "BSH":
+        return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+    if layout == "SBH":
+        return x.view(x.shape[0], x.shape[1], -1, head_dim).permute(1, 2, 0, 3)
+    raise RuntimeError(f"npu_fusion_attention: unsupported input_layout {layout!r}")
+
+
+def _from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "BNSD":
+        return x
+    if layout == "BSND":
+        return x.transpose(1, 2)
+    if layout == "BSH":
+        return x.transpose(1, 2).flatten(2)
+    return x.permute(2, 0, 1, 3).flatten(2)
+
+
+def npu_fusion_attention(
+    query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
+    keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, prefix=None,
+    actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+):
+    """Documented semantics: softmax(scale * Q K^T, masked where atten_mask is True) V; A2 only; fp16/bf16;
+    key/value heads may be a factor of head_num (GQA). Returns the documented 7-tuple."""
+    STATE.calls.append(("npu_fusion_attention", input_layout, sparse_mode))
+    if not STATE.is_a2:
+        raise RuntimeError(f"npu_fusion_attention is only supported on Atlas A2, not {STATE.soc_name}")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(f"npu_fusion_attention: dtype {query.dtype} not supported (float16, bfloat16)")
+    if keep_prob != 1.0 or pse is not None or sparse_mode != 0:
+        raise NotImplementedError("the double models keep_prob=1, no pse, sparse_mode=0 only")
+    if input_layout in ("BNSD", "BSND"):
+        head_dim = query.shape[-1]
+    else:
+        head_dim = query.shape[-1] // head_num
+    q = _to_bnsd(query, input_layout, head_dim).float()
+    k = _to_bnsd(key, input_layout, head_dim).float()
+    v = _to_bnsd(value, input_layout, head_dim).float()
+    if q.shape[1] != head_num or head_num % k.shape[1] != 0:
+        raise RuntimeError(f"npu_fusion_attention: head_num {head_num} vs query {q.shape[1]} / key {k.shape[1]} heads")
+    k = k.repeat_interleave(head_num // k.shape[1], dim=1)
+    v = v.repeat_interleave(head_num // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if atten_mask is not None:
+        if atten_mask.dtype not in (torch.bool, torch.uint8):
+            raise RuntimeError("npu_fusion_attention: atten_mask must be bool or uint8")
+        scores = scores.masked_fill(atten_mask.bool(), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v).to(query.dtype)
+    empty = torch.empty(0)
+    return _from_bnsd(out, input_layout), empty, empty, empty, 0, 0, 0
+
+
+def npu_rms_norm(x, gamma, epsilon=1e-6):
+    """Documented: (x * rstd * gamma, rstd) with rstd = 1/sqrt(mean(x^2) + eps) in fp32; 910A and A2."""
+    STATE.calls.append(("npu_rms_norm",))
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
