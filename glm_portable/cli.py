@@ -71,6 +71,27 @@ def env_command(
         console.print(env_table)
 
 
+@app.command("make-tiny-model")
+def make_tiny_model_command(
+    out: Path = typer.Argument(..., help="Directory to create."),
+    family: str = typer.Option("chatglm3", help="chatglm2 or chatglm3 (prompt format and special tokens)."),
+    layers: int = typer.Option(2, help="Number of transformer layers."),
+    hidden_size: int = typer.Option(64, help="Hidden size."),
+    heads: int = typer.Option(4, help="Attention heads (head size = hidden / heads)."),
+    kv_groups: int = typer.Option(2, help="Key/value groups (multi-query attention)."),
+    vocab_size: int = typer.Option(1000, help="SentencePiece vocabulary size before the special tokens."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    shards: int = typer.Option(1, help="Number of safetensors shards (more than one writes an index json)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Build a small ChatGLM2/3 directory in upstream layout (tokenizer, config, random weights) in seconds."""
+    from glm_portable.modeling.tiny import make_tiny_model
+
+    with console.status(f"training a {vocab_size}-piece tokenizer and writing a {layers}-layer {family} model"):
+        path = make_tiny_model(out, family, layers, hidden_size, heads, kv_groups, vocab_size, seed, shards, overwrite)
+    console.print(f"wrote {family} tiny model to [bold]{path}[/]")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
 

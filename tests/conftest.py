@@ -28,3 +28,21 @@ def fake_npu(monkeypatch):
     yield module
     state.device_count, state.soc_name = 0, "Ascend910B3"
     sys.path[:] = [p for p in sys.path if p != str(FAKES)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer ChatGLM3-family tiny model directory, built once per test session."""
+    from glm_portable.modeling.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny3", family="chatglm3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny2_dir(tmp_path_factory):
+    """A ChatGLM2-family tiny model with 3 weight shards and 8 heads over 2 key/value groups."""
+    from glm_portable.modeling.tiny import make_tiny_model
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny2", family="chatglm2", heads=8, kv_groups=2, seed=1, shards=3
+    )

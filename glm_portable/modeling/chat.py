@@ -1,0 +1,106 @@
+"""Chat helpers for ChatGLM2/3: one-shot and streaming answers with message history."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .model import ChatGLMForConditionalGeneration
+from .prompts import Message, chat_input_ids
+from .tokenizer import ChatGLMTokenizer
+
+
+@dataclass
+class GenerationSettings:
+    """ChatGLM2/3's chat defaults: sampling with top_p 0.8 and temperature 0.8."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    top_p: float = 0.8
+    temperature: float = 0.8
+    extra: dict = field(default_factory=dict)
+
+    def generate_kwargs(self, tokenizer: ChatGLMTokenizer) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **self.extra}
+        if self.do_sample:
+            kwargs.update(top_p=self.top_p, temperature=self.temperature)
+        return kwargs
+
+
+def _inputs(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, query: str,
+            history: Sequence[Message]) -> dict[str, torch.Tensor]:
+    batch = tokenizer.pad([chat_input_ids(tokenizer, query, history)])
+    device = model.get_input_embeddings().weight.device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _updated(history: Sequence[Message], query: str, response: str) -> list[Message]:
+    return [*history, {"role": "user", "content": query}, {"role": "assistant", "content": response}]
+
+
+@torch.inference_mode()
+def chat(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, query: str,
+         history: Sequence[Message] = (), settings: Optional[GenerationSettings] = None) -> tuple[str, list[Message]]:
+    """Answer ``query`` given ``history``; returns the answer and the history with this turn appended."""
+    settings = settings or GenerationSettings()
+    inputs = _inputs(model, tokenizer, query, history)
+    output = model.generate(**inputs, **settings.generate_kwargs(tokenizer))
+    response = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]).strip()
+    return response, _updated(history, query, response)
+
+
+class _QueueStreamer:
+    """transformers' streamer protocol (put / end), forwarding new token ids to a queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def stream_chat(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, query: str,
+                history: Sequence[Message] = (), settings: Optional[GenerationSettings] = None
+                ) -> Iterator[tuple[str, list[Message]]]:
+    """Yield the growing answer (and the would-be history) as tokens arrive; generation runs in a thread."""
+    settings = settings or GenerationSettings()
+    inputs = _inputs(model, tokenizer, query, history)
+    queue: Queue = Queue()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, **settings.generate_kwargs(tokenizer), streamer=_QueueStreamer(queue))
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+            queue.put(None)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    ids: list[int] = []
+    shown = ""
+    while (chunk := queue.get()) is not None:
+        ids += chunk
+        text = tokenizer.decode(ids).strip()
+        if text != shown and not text.endswith("\ufffd"):
+            shown = text
+            yield text, _updated(history, query, text)
+    worker.join()
+    if errors:
+        raise errors[0]
+    final = tokenizer.decode(ids).strip()
+    if final != shown:
+        yield final, _updated(history, query, final)

@@ -1,0 +1,129 @@
+"""The public entry points: load a model directory, save a model or its prefix, load a prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from glm_portable.backends import Backend, select_backend
+from glm_portable.errors import UserError
+
+from .checkpoint import atomic_directory, iter_state_dict, load_weights, write_weights
+from .config import load_config
+from .model import ChatGLMForConditionalGeneration
+from .prefix import PREFIX_KEY
+from .tokenizer import ChatGLMTokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, backend: Backend) -> torch.dtype:
+    """A dtype from its name, or the backend's policy when none is given."""
+    if dtype is None:
+        return backend.default_dtype()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _backend(device: str | Backend | None) -> Backend:
+    return device if isinstance(device, Backend) else select_backend(device).backend
+
+
+def load_tokenizer(path: str | Path, family: Optional[str] = None) -> ChatGLMTokenizer:
+    """The tokenizer of a ChatGLM2/3 model directory (family detected unless given)."""
+    return ChatGLMTokenizer.from_pretrained(path, family)
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | Backend | None = None,
+    pre_seq_len: Optional[int] = None,
+    prefix_projection: bool = False,
+    local_rank: int = 0,
+) -> ChatGLMForConditionalGeneration:
+    """Build the native model from a ChatGLM2/3 directory and load its weights by key name.
+
+    The model is created without allocating random weights (meta device), then filled shard by
+    shard directly on the target device. With ``pre_seq_len`` the base is frozen and a fresh fp32
+    prefix encoder is added (load a trained one with ``load_prefix``). Attention and RMSNorm use the
+    selected backend's kernels. Returned in eval mode.
+    """
+    backend = _backend(device)
+    dtype = resolve_dtype(dtype, backend)
+    config = load_config(path)
+    if pre_seq_len is not None:
+        if pre_seq_len <= 0:
+            raise UserError(f"pre_seq_len must be a positive integer, got {pre_seq_len}")
+        config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    model.to_empty(device=backend.device(local_rank))
+    model.to(dtype)
+    uninitialised = load_weights(model, path, optional_prefixes=(PREFIX_KEY, "transformer.rotary_pos_emb."))
+    if any(k.startswith("transformer.rotary_pos_emb.") for k in uninitialised):
+        model.transformer.rotary_pos_emb.reset_inv_freq()
+    if config.pre_seq_len:
+        encoder = model.transformer.prefix_encoder
+        encoder.float()
+        if any(k.startswith(PREFIX_KEY) for k in uninitialised):
+            encoder.reset_parameters()
+    model.set_kernels(backend.kernels(dtype))
+    return model.eval()
+
+
+def save_model(
+    model: ChatGLMForConditionalGeneration,
+    out_dir: str | Path,
+    tokenizer: Optional[ChatGLMTokenizer] = None,
+    max_shard_bytes: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save config.json, safetensors weights under upstream key names (sharded with an index) and the tokenizer."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        state = model.state_dict()
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        model.config.save(tmp, dtype=dtype)
+        write_weights(state, tmp, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def save_prefix(model: ChatGLMForConditionalGeneration, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """A P-Tuning checkpoint: only ``transformer.prefix_encoder.*`` plus the config that built it."""
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
+    if not state:
+        raise UserError("the model has no prefix encoder (load it with pre_seq_len to train one)")
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.config.save(tmp)
+        write_weights(state, tmp)
+    return Path(out_dir)
+
+
+def load_prefix(model: ChatGLMForConditionalGeneration, checkpoint_dir: str | Path) -> None:
+    """Load a prefix-only checkpoint (ours, or THUDM's ``pytorch_model.bin``) into the model's prefix encoder."""
+    encoder = getattr(model.transformer, "prefix_encoder", None)
+    if encoder is None:
+        raise UserError(f"{checkpoint_dir}: a prefix checkpoint needs a model loaded with pre_seq_len")
+    state = {}
+    for _, shard in iter_state_dict(checkpoint_dir):
+        state.update({k[len(PREFIX_KEY):]: v for k, v in shard.items() if k.startswith(PREFIX_KEY)})
+    if not state:
+        raise UserError(f"{checkpoint_dir}: no {PREFIX_KEY}* tensors found")
+    expected = encoder.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)} (pre_seq_len / prefix_projection differ?)"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise UserError(f"{checkpoint_dir}: prefix checkpoint does not fit the model: " + "; ".join(problems))
+    encoder.load_state_dict(state)

@@ -1,0 +1,356 @@
+"""Native ChatGLM2/3: a batch-first transformers model with upstream's parameter names and numerics.
+
+Module names mirror upstream's (``transformer.encoder.layers.N.self_attention.query_key_value`` …)
+so that state dicts load and save by key name with no mapping. Attention and RMSNorm go through
+the backend's kernels (``set_kernels``); the portable SDPA path is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
+
+from .config import ChatGLMConfig
+from .prefix import PrefixEncoder
+from .rotary import RotaryEmbedding, apply_rotary
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.kernels: Kernels = PORTABLE_KERNELS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.kv_groups = config.kv_groups
+        self.multi_query = config.multi_query_attention
+        qkv_size = self.head_dim * (self.num_heads + 2 * self.kv_groups)
+        self.query_key_value = nn.Linear(
+            config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias
+        )
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+        self.kernels: Kernels = PORTABLE_KERNELS
+
+    def _split_qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q | k | v along the last dim (multi-query); per-head interleaved otherwise, as upstream lays them out."""
+        batch, seq = mixed.shape[:2]
+        if self.multi_query:
+            q, k, v = mixed.split(
+                [self.num_heads * self.head_dim, self.kv_groups * self.head_dim, self.kv_groups * self.head_dim], -1
+            )
+            q = q.view(batch, seq, self.num_heads, self.head_dim)
+            k = k.view(batch, seq, self.kv_groups, self.head_dim)
+            v = v.view(batch, seq, self.kv_groups, self.head_dim)
+        else:
+            q, k, v = mixed.view(batch, seq, self.num_heads, 3 * self.head_dim).split(self.head_dim, -1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        causal: bool,
+        prefix_k: Optional[torch.Tensor],
+        prefix_v: Optional[torch.Tensor],
+        cache: Optional[Cache],
+    ) -> torch.Tensor:
+        q, k, v = self._split_qkv(self.query_key_value(hidden))
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            if prefix_k is not None:
+                cache.update(prefix_k, prefix_v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        elif prefix_k is not None:
+            k = torch.cat((prefix_k, k), dim=2)
+            v = torch.cat((prefix_v, v), dim=2)
+        out = self.kernels.attention(q, k, v, mask, causal, 1.0 / math.sqrt(self.head_dim))
+        batch, _, seq, _ = out.shape
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: the up-projection's two halves are gate and value."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * value)
+
+
+class GLMBlock(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h))."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache):
+        attn = self.self_attention(self.input_layernorm(hidden), cos, sin, mask, causal, prefix_k, prefix_v, cache)
+        hidden = hidden + F.dropout(attn, p=self.hidden_dropout, training=self.training)
+        mlp = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.post_layer_norm = config.post_layer_norm
+        if self.post_layer_norm:
+            self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden, cos, sin, mask, causal, prefix, cache):
+        for index, layer in enumerate(self.layers):
+            prefix_k, prefix_v = prefix[index] if prefix is not None else (None, None)
+            if self.gradient_checkpointing and self.training and cache is None:
+                hidden = self._gradient_checkpointing_func(
+                    layer.__call__, hidden, cos, sin, mask, causal, prefix_k, prefix_v, None
+                )
+            else:
+                hidden = layer(hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache)
+        return self.final_layernorm(hidden) if self.post_layer_norm else hidden
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+def build_attention_mask(
+    padding: Optional[torch.Tensor], query_len: int, key_len: int
+) -> tuple[Optional[torch.Tensor], bool]:
+    """(mask, causal) for queries that are the last ``query_len`` of ``key_len`` positions.
+
+    Returns no mask when plain causal attention (or, for one query, full attention) is exact, so
+    fused kernels run their fastest path. Query rows that would see no key at all (left padding)
+    see every key, as upstream does, so no NaN can leak through a zero attention weight.
+    """
+    offset = key_len - query_len
+    has_padding = padding is not None and not bool(padding.all())
+    if not has_padding and (offset == 0 or query_len == 1):
+        return None, offset == 0
+    device = padding.device if padding is not None else None
+    positions = torch.arange(key_len, device=device)
+    allowed = positions[None, :] <= (positions[offset:, None])
+    allowed = allowed[None].expand(padding.shape[0] if padding is not None else 1, -1, -1)
+    if padding is not None:
+        allowed = allowed & padding[:, None, :].bool()
+        if offset == 0:
+            allowed = allowed | ~padding[:, :, None].bool()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None], False
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_cache_class = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, 0.02) weights, zero biases, unit norms; the prefix encoder keeps torch's defaults."""
+        if any(module is m for m in self._prefix_modules()):
+            return
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def _prefix_modules(self) -> list[nn.Module]:
+        transformer = getattr(self, "transformer", self)
+        encoder = getattr(transformer, "prefix_encoder", None)
+        return list(encoder.modules()) if encoder is not None else []
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """Embedding, rotary tables, the layer stack, the output layer and (with pre_seq_len) the prefix."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__(config)
+        self.embedding = Embedding(config)
+        self.rotary_pos_emb = RotaryEmbedding(config.rotary_dims, config.rope_ratio)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len:
+            for param in self.parameters():
+                param.requires_grad_(False)
+            self.prefix_encoder = PrefixEncoder(
+                config.pre_seq_len, config.num_layers, config.kv_groups, config.kv_channels,
+                config.hidden_size, config.prefix_projection,
+            )
+            self.prefix_dropout = nn.Dropout(0.1)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding.word_embeddings = value
+
+    def prefix_key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value), each ``[batch, kv_groups, P, kv_channels]``; no rotary is applied to them."""
+        config = self.config
+        tokens = torch.arange(self.pre_seq_len, device=self.prefix_encoder.embedding.weight.device)
+        out = self.prefix_encoder(tokens[None].expand(batch, -1)).to(dtype)
+        out = out.view(batch, self.pre_seq_len, config.num_layers, 2, config.kv_groups, config.kv_channels)
+        out = self.prefix_dropout(out).permute(2, 3, 0, 4, 1, 5)
+        return [(layer[0], layer[1]) for layer in out]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Optional[Cache]]:
+        batch, seq = input_ids.shape
+        hidden = self.embedding(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prefix_len = self.pre_seq_len or 0
+        prefix = self.prefix_key_values(batch, hidden.dtype) if prefix_len and past == 0 else None
+        past_tokens = past - prefix_len if past else 0
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, seq, past_tokens, input_ids.device)
+        padding = attention_mask
+        if padding is not None and prefix_len:
+            padding = torch.cat((padding.new_ones(batch, prefix_len), padding), dim=-1)
+        key_len = past + (prefix_len if prefix is not None else 0) + seq
+        if padding is not None and padding.shape[-1] != key_len:
+            raise ValueError(f"attention_mask covers {padding.shape[-1]} positions, expected {key_len}")
+        mask, causal = build_attention_mask(padding, seq, key_len)
+        cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype)
+        hidden = self.encoder(hidden, cos, sin, mask, causal, prefix, past_key_values if use_cache else None)
+        return hidden, past_key_values if use_cache else None
+
+
+def positions_from_mask(
+    attention_mask: Optional[torch.Tensor], seq: int, past_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """0..n-1 over real tokens, 0 on left padding: what upstream's tokenizer hands the model."""
+    if attention_mask is None:
+        return torch.arange(past_tokens, past_tokens + seq, device=device)[None]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, positions labelled -100 ignored."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """The causal LM: ``transformer`` (ChatGLMModel) plus loss, logits slicing and generation hooks."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embedding.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.transformer.output_layer
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Route attention and RMSNorm through a backend's kernels (see backends.Backend.kernels)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SelfAttention)):
+                module.kernels = kernels
+
+    @property
+    def kernels(self) -> Kernels:
+        return self.transformer.encoder.layers[0].self_attention.kernels
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
+        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.transformer.output_layer(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the cache has not seen; the P-Tuning prefix occupies the first P cache slots."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        consumed = past - (self.config.pre_seq_len or 0) if past else 0
+        model_inputs = {
+            "input_ids": input_ids[:, consumed:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        if position_ids is not None:
+            model_inputs["position_ids"] = position_ids[:, consumed:]
+        if "logits_to_keep" in kwargs:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return model_inputs

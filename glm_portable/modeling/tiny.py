@@ -1,0 +1,91 @@
+"""``make-tiny-model``: a seconds-to-build ChatGLM2/3 directory in upstream layout for tests, demo and benchmarks."""
+
+from __future__ import annotations
+
+import io
+from importlib import resources
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from glm_portable.errors import UserError
+
+from .checkpoint import atomic_directory, write_weights
+from .config import ChatGLMConfig
+from .model import ChatGLMForConditionalGeneration
+from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, FAMILIES, TOKENIZER_FILE, ChatGLMTokenizer
+
+FFN_RATIO = 13696 / 4096  # upstream's ffn_hidden_size / hidden_size
+SEQ_LENGTH = {"chatglm2": 32768, "chatglm3": 8192}
+
+
+def bundled_corpus() -> list[str]:
+    """The Chinese and English lines the tiny tokenizer is trained on (ADGEN-style attributes included)."""
+    text = resources.files("glm_portable.modeling").joinpath("corpus/tiny.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def train_sentencepiece(vocab_size: int, lines: list[str] | None = None) -> bytes:
+    """A BPE model with ChatGLM's id layout: unk 0 (also padding), bos 1, eos 2, byte fallback, no normalisation."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines or bundled_corpus()), model_writer=writer, vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return writer.getvalue()
+
+
+def tiny_config(
+    family: str, sp_vocab_size: int, layers: int, hidden_size: int, heads: int, kv_groups: int
+) -> ChatGLMConfig:
+    if hidden_size % heads:
+        raise UserError(f"--hidden-size {hidden_size} must be divisible by --heads {heads}")
+    if heads % kv_groups:
+        raise UserError(f"--heads {heads} must be divisible by --kv-groups {kv_groups}")
+    if (hidden_size // heads) % 4:
+        raise UserError(f"head size {hidden_size // heads} must be a multiple of 4 (half of it is rotated in pairs)")
+    specials = len(CHATGLM3_SPECIALS if family == "chatglm3" else CHATGLM2_SPECIALS)
+    padded_vocab = -(-(sp_vocab_size + specials) // 64) * 64
+    ffn = max(2, int(round(hidden_size * FFN_RATIO / 2)) * 2)
+    return ChatGLMConfig(
+        num_layers=layers, hidden_size=hidden_size, ffn_hidden_size=ffn, kv_channels=hidden_size // heads,
+        num_attention_heads=heads, multi_query_group_num=kv_groups, padded_vocab_size=padded_vocab,
+        seq_length=SEQ_LENGTH[family],
+    )
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    family: str = "chatglm3",
+    layers: int = 2,
+    hidden_size: int = 64,
+    heads: int = 4,
+    kv_groups: int = 2,
+    vocab_size: int = 1000,
+    seed: int = 0,
+    shards: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write tokenizer.model, tokenizer_config.json, config.json and seeded random weights (safetensors)."""
+    if family not in FAMILIES:
+        raise UserError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
+    for name, value in (("--layers", layers), ("--hidden-size", hidden_size), ("--heads", heads),
+                        ("--kv-groups", kv_groups), ("--shards", shards)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if vocab_size < 300:
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 256 pieces")
+    proto = train_sentencepiece(vocab_size)
+    sp_vocab = spm.SentencePieceProcessor(model_proto=proto).vocab_size()
+    config = tiny_config(family, sp_vocab, layers, hidden_size, heads, kv_groups)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        (tmp / TOKENIZER_FILE).write_bytes(proto)
+        ChatGLMTokenizer(tmp / TOKENIZER_FILE, family).save_pretrained(tmp)
+        torch.manual_seed(seed)
+        model = ChatGLMForConditionalGeneration(config)
+        config.save(tmp, dtype="float32")
+        write_weights(model.state_dict(), tmp, num_shards=shards)
+    return Path(out_dir)
