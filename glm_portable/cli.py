@@ -92,6 +92,60 @@ def make_tiny_model_command(
     console.print(f"wrote {family} tiny model to [bold]{path}[/]")
 
 
+@app.command("preprocess")
+def preprocess_command(
+    model: Path = typer.Option(..., help="Model directory (its tokenizer and family decide the template)."),
+    train_file: Path = typer.Option(..., help="Training data: JSON lines or a JSON array."),
+    out: Path = typer.Option(..., help="Output directory (Arrow shards + manifest.json)."),
+    eval_file: Optional[Path] = typer.Option(None, help="Evaluation data, same format."),
+    format: Optional[str] = typer.Option(None, help="adgen|prompt-completion|context-target|alpaca|conversations (default: detected)."),
+    prompt_column: Optional[str] = typer.Option(None, help="Prompt column (adgen: content)."),
+    response_column: Optional[str] = typer.Option(None, help="Answer column (adgen: summary)."),
+    history_column: Optional[str] = typer.Option(None, help="Column of earlier [query, response] pairs."),
+    max_source_length: int = typer.Option(64, help="Prompt tokens kept, [gMASK] sop included."),
+    max_target_length: int = typer.Option(128, help="Answer tokens kept."),
+    source_prefix: str = typer.Option("", help="Text put before every prompt."),
+    num_shards: int = typer.Option(8, help="Arrow shards per split."),
+    num_proc: int = typer.Option(1, help="Tokenizer threads."),
+    overwrite: bool = typer.Option(False, help="Replace OUT even if it holds data."),
+    skip_bad_rows: bool = typer.Option(False, help="Skip malformed rows (counted and listed in the manifest) instead of failing."),
+) -> None:
+    """Tokenize a dataset once into Arrow shards that every backend trains from."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from glm_portable.data import Columns, PreprocessOptions, preprocess
+
+    options = PreprocessOptions(
+        model=model, train_file=train_file, out=out, eval_file=eval_file, format=format,
+        columns=Columns(prompt_column, response_column, history_column), max_source_length=max_source_length,
+        max_target_length=max_target_length, source_prefix=source_prefix, num_shards=num_shards, num_proc=num_proc,
+        overwrite=overwrite, skip_bad_rows=skip_bad_rows,
+    )
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        result = preprocess(options, report)
+    manifest = result.manifest
+    if result.reused:
+        console.print(f"[bold]{out}[/] already holds this data (same inputs, tokenizer and options): reused")
+        return
+    console.print(f"format: {manifest['format']} ({manifest['format_reason']}); template: {manifest['template']}")
+    for name, split in manifest["splits"].items():
+        tokens = split["tokens"]
+        console.print(
+            f"{name}: {split['rows']} rows in {split['num_shards']} shards; skipped {split['skipped_empty']} empty, "
+            f"{split['bad_rows']} bad; truncated {split['source_truncated']} prompts, {split['target_truncated']} answers; "
+            f"tokens/row mean {tokens.get('mean')} max {tokens.get('max')}"
+        )
+    console.print(f"wrote [bold]{out}[/] in {manifest['seconds']} s")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
 
@@ -100,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

@@ -7,16 +7,13 @@ never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -106,27 +103,6 @@ def load_weights(
     if problems:
         raise UserError(f"{model_dir}: weights do not match the model: " + " | ".join(problems))
     return optional
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on failure it is removed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: exists and is not empty (use --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _shard_groups(state: dict[str, torch.Tensor], max_bytes: int | None, num_shards: int | None) -> list[list[str]]:

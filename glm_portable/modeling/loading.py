@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 
+from glm_portable.atomic import atomic_directory
 from glm_portable.backends import Backend, select_backend
 from glm_portable.errors import UserError
 
-from .checkpoint import atomic_directory, iter_state_dict, load_weights, write_weights
+from .checkpoint import iter_state_dict, load_weights, write_weights
 from .config import load_config
 from .model import ChatGLMForConditionalGeneration
 from .prefix import PREFIX_KEY

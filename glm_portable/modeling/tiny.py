@@ -9,9 +9,10 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
 
-from .checkpoint import atomic_directory, write_weights
+from .checkpoint import write_weights
 from .config import ChatGLMConfig
 from .model import ChatGLMForConditionalGeneration
 from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, FAMILIES, TOKENIZER_FILE, ChatGLMTokenizer

@@ -73,6 +73,15 @@ class ChatGLMTokenizer:
         """SentencePiece ids of plain text, no special tokens."""
         return list(self.sp.encode(text))
 
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Plain-text ids of many texts in one SentencePiece call (its own thread pool).
+
+        Repeated texts (datasets repeat prompts, e.g. ADGEN's attribute strings) are encoded once.
+        """
+        unique = list(dict.fromkeys(texts))
+        encoded = dict(zip(unique, self.sp.encode(unique, num_threads=max(1, num_threads))))
+        return [encoded[text] for text in texts]
+
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Like upstream ``tokenizer.encode(..., truncation=True, max_length=M)``: the text is cut so that the
         result, ``[gMASK] sop`` included, fits in M."""
