@@ -8,19 +8,12 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | sed 's/^/env\/cuda.sh: GPU /'
 
-_glm_default() {
-    local name="$1" value="$2"
-    if [ -z "${!name:-}" ]; then
-        export "$name=$value"
-        echo "env/cuda.sh: $name=$value"
-    else
-        echo "env/cuda.sh: $name=${!name} (kept)"
-    fi
-}
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-_glm_default DS_ACCELERATOR cuda
-_glm_default GLM_PORTABLE_DEVICE cuda
-_glm_default NCCL_ASYNC_ERROR_HANDLING 1
-_glm_default TORCH_DEVICE_BACKEND_AUTOLOAD 0
+_glm_default DS_ACCELERATOR cuda env/cuda.sh
+_glm_default GLM_PORTABLE_DEVICE cuda env/cuda.sh
+_glm_default NCCL_ASYNC_ERROR_HANDLING 1 env/cuda.sh
+_glm_default TORCH_DEVICE_BACKEND_AUTOLOAD 0 env/cuda.sh
 
 unset -f _glm_default

@@ -29,25 +29,18 @@ fi
 source "$_glm_cann_env"
 echo "env/npu.sh: loaded CANN from $_glm_cann_env"
 
-_glm_default() {
-    local name="$1" value="$2"
-    if [ -z "${!name:-}" ]; then
-        export "$name=$value"
-        echo "env/npu.sh: $name=$value"
-    else
-        echo "env/npu.sh: $name=${!name} (kept)"
-    fi
-}
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-_glm_default TASK_QUEUE_ENABLE 1
-_glm_default COMBINED_ENABLE 1
-_glm_default HCCL_WHITELIST_DISABLE 1
-_glm_default HCCL_CONNECT_TIMEOUT 7200
-_glm_default ASCEND_GLOBAL_LOG_LEVEL 3
-_glm_default ACL_OP_COMPILER_CACHE_MODE enable
-_glm_default ACL_OP_COMPILER_CACHE_DIR "${HOME}/.cache/glm-portable/op-cache"
-_glm_default DS_ACCELERATOR npu
-_glm_default GLM_PORTABLE_DEVICE npu
+_glm_default TASK_QUEUE_ENABLE 1 env/npu.sh
+_glm_default COMBINED_ENABLE 1 env/npu.sh
+_glm_default HCCL_WHITELIST_DISABLE 1 env/npu.sh
+_glm_default HCCL_CONNECT_TIMEOUT 7200 env/npu.sh
+_glm_default ASCEND_GLOBAL_LOG_LEVEL 3 env/npu.sh
+_glm_default ACL_OP_COMPILER_CACHE_MODE enable env/npu.sh
+_glm_default ACL_OP_COMPILER_CACHE_DIR "${HOME}/.cache/glm-portable/op-cache" env/npu.sh
+_glm_default DS_ACCELERATOR npu env/npu.sh
+_glm_default GLM_PORTABLE_DEVICE npu env/npu.sh
 
 unset -f _glm_find_cann _glm_default
 unset _glm_cann_env

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -30,10 +31,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{data_dir}: no {MANIFEST} (not a directory written by `glm-portable preprocess`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    manifest = read_json_object(path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: format version {manifest.get('format_version')!r}, this glm-portable reads {FORMAT_VERSION}; "

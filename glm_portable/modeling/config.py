@@ -14,6 +14,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
 
 # Upstream chatglm2-6b defaults (REFERENCE §1); chatglm3-6b differs only in seq_length.
 UPSTREAM_DEFAULTS: dict[str, Any] = {
@@ -117,12 +118,7 @@ def load_config(model_dir: str | Path) -> ChatGLMConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json (expected a ChatGLM2/3 model directory)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
     if "position_encoding_2d" in data or "inner_hidden_size" in data:
         raise UserError(f"{path}: this is a ChatGLM-6B (first generation) model; the native implementation covers ChatGLM2/3")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):

@@ -17,6 +17,7 @@ import sentencepiece as spm
 import torch
 
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -169,13 +170,7 @@ class ChatGLMTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def detect_family(directory: str | Path, tokenizer_config: dict | None = None) -> str:
