@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from glm_portable.errors import UserError
+from glm_portable.errors import GlmPortableError
 
 app = typer.Typer(
     name="glm-portable",
@@ -146,6 +147,65 @@ def preprocess_command(
     console.print(f"wrote [bold]{out}[/] in {manifest['seconds']} s")
 
 
+@app.command("train")
+def train_command(
+    model: Path = typer.Option(..., help="Base model directory."),
+    data: Path = typer.Option(..., help="Directory written by `glm-portable preprocess` for this model."),
+    output: Path = typer.Option(..., help="Run directory (checkpoints, metrics.jsonl, run.json, loss.png)."),
+    method: str = typer.Option("ptuning", help="ptuning (P-Tuning v2) or lora."),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = typer.Option(None, help="Base model dtype (default: the backend's: bf16, fp16 or fp32 on CPU)."),
+    pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
+    prefix_projection: bool = typer.Option(False, help="P-Tuning with the two-layer prefix projection."),
+    lora_rank: int = typer.Option(8), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.1),
+    lora_target: str = typer.Option("query_key_value", help="Comma-separated module names LoRA adapts."),
+    lr: float = typer.Option(2e-2, help="Learning rate (THUDM P-Tuning: 2e-2; LoRA: try 1e-4 to 5e-4)."),
+    batch_size: int = typer.Option(1, help="Per-process batch size."),
+    grad_accum: int = typer.Option(16, help="Gradient accumulation steps."),
+    max_steps: int = typer.Option(3000), warmup_steps: int = typer.Option(0),
+    logging_steps: int = typer.Option(10), save_steps: int = typer.Option(1000),
+    save_total_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
+    seed: int = typer.Option(42),
+    padding: Optional[str] = typer.Option(None, help="fixed (static shapes; NPU default) or dynamic (others' default)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations to save memory."),
+    nproc: int = typer.Option(1, help="Processes (cards) on this node."),
+    nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
+    master_addr: str = typer.Option("127.0.0.1"), master_port: int = typer.Option(29500),
+    resume: Optional[str] = typer.Option(None, help="auto (newest complete checkpoint of --output) or a checkpoint dir."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run in --output."),
+    dry_run: bool = typer.Option(False, help="Print the plan (processes, devices, environment, precision, data) and exit."),
+) -> None:
+    """Fine-tune with P-Tuning v2 or LoRA on one card or many (same command on CPU, GPU and NPU)."""
+    from glm_portable.backends import select_backend
+    from glm_portable.training.launcher import is_launched_child, launch, plan
+    from glm_portable.training.options import TrainOptions
+    from glm_portable.training.run_dir import resolve_resume
+    from glm_portable.training.trainer import run_identity, run_training
+
+    options = TrainOptions(
+        model=model, data=data, output=output, method=method, device=device, dtype=dtype, pre_seq_len=pre_seq_len,
+        prefix_projection=prefix_projection, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target=[t.strip() for t in lora_target.split(",") if t.strip()], lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum, max_steps=max_steps, warmup_steps=warmup_steps, logging_steps=logging_steps,
+        save_steps=save_steps, save_total_limit=save_total_limit, seed=seed, padding=padding,
+        gradient_checkpointing=gradient_checkpointing, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr, master_port=master_port, resume=resume, overwrite=overwrite,
+    )
+    options.validate()
+    selection = select_backend(device)
+    if dry_run:
+        print(json.dumps(plan(options, selection.backend, selection.reason), indent=2, ensure_ascii=False))
+        return
+    if (nproc > 1 or nnodes > 1) and not is_launched_child():
+        plan(options, selection.backend, selection.reason)
+        resolve_resume(options.output, run_identity(options), options.resume, options.overwrite)
+        console.print(f"launching {nproc} × {nnodes} processes on {selection.backend.name}")
+        raise typer.Exit(launch(options, selection.backend, sys.argv[1:]))
+    result = run_training(options, selection.backend, selection.reason)
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(f"done: {json.dumps(result.metrics)}; run directory [bold]{output}[/]")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
 
@@ -153,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     try:
         app(args=argv)
-    except UserError as exc:
+    except GlmPortableError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 

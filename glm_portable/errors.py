@@ -1,10 +1,17 @@
-"""Errors that reach the user as one message and exit code 2, never as a traceback."""
+"""Errors that reach the user as one message and an exit code, never as a traceback."""
 
 
-class UserError(Exception):
-    """A mistake the user can fix: bad input, a missing file, an unavailable device.
+class GlmPortableError(Exception):
+    """A failure the CLI reports as its message alone, with ``exit_code``."""
 
-    The CLI prints the message alone and exits with code 2; anything else is an internal error.
-    """
+    exit_code = 1
+
+
+class UserError(GlmPortableError):
+    """A mistake the user can fix: bad input, a missing file, an unavailable device (exit code 2)."""
 
     exit_code = 2
+
+
+class TrainingStopped(GlmPortableError):
+    """Training stopped itself cleanly (a non-finite loss); the message says where and what was kept."""

@@ -7,6 +7,7 @@ asked of it, so contract tests can check both results and calls.
 
 from __future__ import annotations
 
+import os
 import types
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ class FakeState:
         return "910B" in self.soc_name or "910_93" in self.soc_name
 
 
-STATE = FakeState()
+STATE = FakeState(device_count=int(os.environ.get("FAKE_NPU_DEVICE_COUNT", "0")))
 
 
 def _set_compile_mode(jit_compile: bool = True) -> None:

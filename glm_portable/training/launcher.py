@@ -1,0 +1,102 @@
+"""Multi-process launch (torch's elastic launcher) and the plan that ``train --dry-run`` prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from glm_portable.backends import Backend
+from glm_portable.data import check_compatible, template_for
+from glm_portable.modeling import ChatGLMForConditionalGeneration, load_config, load_tokenizer, resolve_dtype
+
+from .options import TrainOptions
+
+LAUNCHED_ENV = "GLM_PORTABLE_LAUNCHED"
+
+
+def is_launched_child() -> bool:
+    return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def visible_devices(options: TrainOptions, backend: Backend) -> list[int] | None:
+    """Devices 0..nproc-1 unless the user already narrowed them with the backend's variable."""
+    if backend.visible_devices_var is None or os.environ.get(backend.visible_devices_var):
+        return None
+    return list(range(options.nproc))
+
+
+def child_environment(options: TrainOptions, backend: Backend) -> dict[str, str]:
+    return {**backend.child_env(visible_devices(options, backend)), LAUNCHED_ENV: "1"}
+
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The command for each process: the launch flags are the launcher's, not the children's (torch's
+    launcher would also misread ``--nproc`` as an abbreviation of its own ``--nproc-per-node``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
+            out.append(arg)
+    return out
+
+
+def launcher_command(options: TrainOptions, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={options.nproc}",
+            f"--nnodes={options.nnodes}", f"--node_rank={options.node_rank}", f"--master_addr={options.master_addr}",
+            f"--master_port={options.master_port}", "-m", "glm_portable.cli", *argv]
+
+
+def launch(options: TrainOptions, backend: Backend, argv: list[str]) -> int:
+    """Run ``nproc`` copies of this command on this node; returns the launcher's exit code."""
+    env = {**os.environ, **child_environment(options, backend)}
+    return subprocess.call(launcher_command(options, child_argv(argv)), env=env)
+
+
+def trainable_parameters(options: TrainOptions) -> tuple[int, int]:
+    """(trainable, total) parameter counts, from the config alone (meta tensors, no weights read)."""
+    config = load_config(options.model)
+    if options.method == "ptuning":
+        config.pre_seq_len, config.prefix_projection = options.pre_seq_len, options.prefix_projection
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    if options.method == "ptuning":
+        return sum(p.numel() for p in model.transformer.prefix_encoder.parameters()), total
+    per_layer = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in options.lora_target)
+    return per_layer * options.lora_rank, total + per_layer * options.lora_rank
+
+
+def plan(options: TrainOptions, backend: Backend, reason: str) -> dict[str, Any]:
+    """What a run would do, checked as far as it can be without loading weights."""
+    tokenizer = load_tokenizer(options.model)
+    manifest = check_compatible(options.data, tokenizer, template_for(tokenizer).name, options.model)
+    dtype = resolve_dtype(options.dtype, backend)
+    trainable, total = trainable_parameters(options)
+    processes = options.nproc * options.nnodes
+    env = child_environment(options, backend) if processes > 1 else {}
+    return {
+        "device": {"backend": backend.name, "reason": reason, "dist_backend": backend.dist_backend if processes > 1 else None},
+        "processes": {"nnodes": options.nnodes, "nproc_per_node": options.nproc, "world_size": processes,
+                      "node_rank": options.node_rank, "master": f"{options.master_addr}:{options.master_port}",
+                      "command": launcher_command(options, ["train", "..."]) if processes > 1 else None},
+        "environment": env,
+        "precision": {"dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
+                      "trainable_dtype": "float32"},
+        "data": {"path": str(options.data), "rows": manifest["splits"]["train"]["rows"], "template": manifest["template"],
+                 "padding": options.padding or ("fixed" if backend.name == "npu" else "dynamic"),
+                 "fixed_length": manifest["limits"]["fixed_length"]},
+        "training": {"method": options.method, "trainable_parameters": trainable, "total_parameters": total,
+                     "global_batch": options.batch_size * options.grad_accum * processes, "lr": options.lr,
+                     "max_steps": options.max_steps, "save_steps": options.save_steps, "output": str(options.output)},
+    }

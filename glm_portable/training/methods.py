@@ -1,0 +1,66 @@
+"""Fine-tuning methods: how each builds its trainable model, and saves / loads what it trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glm_portable.backends import Backend
+from glm_portable.errors import UserError
+from glm_portable.modeling import load_model, load_prefix
+from glm_portable.modeling.checkpoint import write_weights
+from glm_portable.modeling.prefix import PREFIX_KEY
+
+from .options import TrainOptions
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, local_rank: int = 0) -> torch.nn.Module:
+    """The model with only the method's parameters trainable (fp32), the base frozen in ``dtype``."""
+    if options.method == "ptuning":
+        return load_model(options.model, dtype=dtype, device=backend, pre_seq_len=options.pre_seq_len,
+                          prefix_projection=options.prefix_projection, local_rank=local_rank)
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(options.model, dtype=dtype, device=backend, local_rank=local_rank)
+    config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                        target_modules=list(options.lora_target), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise UserError(f"--lora-target {','.join(options.lora_target)}: {exc}") from None
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
+    """Write only what the method trains: the prefix encoder, or the LoRA adapter (safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if method == "ptuning":
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
+        model.config.save(directory)
+        write_weights(state, directory)
+    else:
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
+    """Load a checkpoint written by ``save_trained`` into a model built by ``build_model``."""
+    if method == "ptuning":
+        load_prefix(model, directory)
+        return
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{directory}: no adapter_model.safetensors (not a LoRA checkpoint)")
+    set_peft_model_state_dict(model, load_file(str(path)))

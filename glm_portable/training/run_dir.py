@@ -1,0 +1,116 @@
+"""The run directory: run.json, checkpoint-<step>/ (complete ones marked), metrics.jsonl, results, loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
+
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+RESULTS = "train_results.json"
+LOSS_PLOT = "loss.png"
+COMPLETE = "COMPLETE"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+IDENTITY_KEYS = ("model", "data", "method", "pre_seq_len", "prefix_projection", "lora_rank", "lora_alpha",
+                 "lora_target", "lr", "batch_size", "grad_accum", "seed", "max_steps", "warmup_steps")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished (marked), oldest first."""
+    found = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = CHECKPOINT_RE.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def mark_complete(checkpoint: Path) -> None:
+    (checkpoint / COMPLETE).write_text("", encoding="utf-8")
+
+
+def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """Decide, without changing anything, what a run does with its output dir; returns the checkpoint to resume.
+
+    A dir holding a different run is refused unless --overwrite; the same run without --resume is
+    refused too, so that nothing is silently discarded.
+    """
+    existing = run_dir / RUN_JSON
+    if overwrite:
+        return None
+    if resume not in (None, "auto"):
+        return Path(resume)
+    if not existing.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir}: exists and holds files that are not a glm-portable run (use --overwrite)")
+        return None
+    previous = read_json_object(existing).get("identity", {})
+    differing = [k for k in IDENTITY_KEYS if previous.get(k) != identity.get(k)]
+    if differing:
+        raise UserError(f"{run_dir}: holds a different run (differs in {', '.join(differing)}); "
+                        "use another --output or --overwrite")
+    if resume != "auto":
+        raise UserError(f"{run_dir}: holds this run already; continue it with --resume auto or start again with --overwrite")
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """``resolve_resume``, then clear the dir when --overwrite asked for it."""
+    checkpoint = resolve_resume(run_dir, identity, resume, overwrite)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return checkpoint
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metric lines the interrupted run logged after its last complete checkpoint."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path) -> Optional[Path]:
+    """loss.png from metrics.jsonl (Agg backend: no display needed)."""
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 60 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    target = run_dir / LOSS_PLOT
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

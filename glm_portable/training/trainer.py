@@ -1,0 +1,209 @@
+"""One training process: transformers' Trainer with the method's checkpoints, exact resume and our outputs.
+
+The Trainer brings gradient accumulation, loss scaling, DDP (gloo / nccl / hccl), and checkpoints
+with optimizer, scheduler, RNG and data position; this module decides what a checkpoint holds
+(only what the method trains), marks complete checkpoints, and writes the run's files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from glm_portable import __version__
+from glm_portable.backends import Backend
+from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
+from glm_portable.environment import library_versions
+from glm_portable.errors import TrainingStopped
+from glm_portable.modeling import load_tokenizer, resolve_dtype
+
+from .methods import build_model, load_trained, save_trained
+from .options import TrainOptions
+from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkpoints, mark_complete, plot_loss,
+                      prepare_run_dir, truncate_metrics, write_json_atomic)
+
+THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
+
+
+class CountingCollator:
+    """Wraps the collator to count the real (unpadded) tokens each batch carries, for tokens/s."""
+
+    def __init__(self, collator: TrainCollator) -> None:
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, rows):
+        self.tokens += sum(len(r["input_ids"]) for r in rows)
+        return self.collator(rows)
+
+
+class GlmTrainer(Trainer):
+    """Checkpoints hold only what the method trains; complete ones are marked; non-finite losses are caught."""
+
+    def __init__(self, *args, method: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.nonfinite: Optional[tuple[int, float]] = None
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        load_trained(model or self.model, self.method, Path(resume_from_checkpoint))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+
+    def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.nonfinite is None and not torch.isfinite(loss).all():
+            self.nonfinite = (self.state.global_step + 1, float(loss.float().mean()))
+        return loss
+
+
+class RunCallback(TrainerCallback):
+    """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s) and the stop on a non-finite loss."""
+
+    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int) -> None:
+        self.run_dir = run_dir
+        self.collator = collator
+        self.world_size = world_size
+        self.trainer: Optional[GlmTrainer] = None
+        self.last_time = time.perf_counter()
+        self.last_step = 0
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time, self.last_step, self.last_tokens = time.perf_counter(), state.global_step, self.collator.tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer is not None and self.trainer.nonfinite is not None:
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_log = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        steps = max(state.global_step - self.last_step, 1)
+        elapsed = max(now - self.last_time, 1e-9)
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
+        tokens = (self.collator.tokens - self.last_tokens) * self.world_size
+        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm"), "samples_per_s": round(samples / elapsed, 3),
+               "tokens_per_s": round(tokens / elapsed, 1), "epoch": logs.get("epoch")}
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.last_time, self.last_step, self.last_tokens = now, state.global_step, self.collator.tokens
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the launcher's environment; (0, 0, 1) when run alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_identity(options: TrainOptions) -> dict[str, Any]:
+    """The options that make two runs the same run (an output dir holding another is refused)."""
+    return {k: v for k, v in options.as_dict().items() if k in IDENTITY_KEYS}
+
+
+def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dtype, world_size: int) -> TrainingArguments:
+    accelerated = backend.name != "cpu"
+    checkpointing: dict[str, Any] = {}
+    if options.gradient_checkpointing:
+        checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    return TrainingArguments(
+        output_dir=str(options.output), per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr, max_steps=options.max_steps,
+        warmup_steps=options.warmup_steps, logging_steps=options.logging_steps, save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit, seed=options.seed, data_seed=options.seed,
+        bf16=accelerated and dtype == torch.bfloat16, fp16=accelerated and backend.needs_loss_scaling(dtype),
+        use_cpu=not accelerated, report_to=[], remove_unused_columns=False, logging_nan_inf_filter=False,
+        lr_scheduler_type="linear", weight_decay=0.0, dataloader_num_workers=0, average_tokens_across_devices=False,
+        ddp_backend=backend.dist_backend if world_size > 1 else None, ddp_find_unused_parameters=False,
+        disable_tqdm=not os.isatty(2), **checkpointing,
+    )
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    model: torch.nn.Module
+
+
+def run_training(options: TrainOptions, backend: Backend, selection_reason: str) -> TrainResult:
+    """Train in this process (one rank of a launched group, or alone); returns THUDM's results and the model."""
+    rank, local_rank, world_size = world()
+    backend.prepare_process()
+    if backend.name != "cpu":
+        backend.set_device(local_rank)
+    dtype = resolve_dtype(options.dtype, backend)
+    tokenizer = load_tokenizer(options.model)
+    template = template_for(tokenizer)
+    manifest = check_compatible(options.data, tokenizer, template.name, options.model)
+    dataset = load_preprocessed(options.data, "train")
+    identity = run_identity(options)
+    args = training_arguments(options, backend, dtype, world_size)
+    args.device  # sets up the process group, which the choice of checkpoint is shared over
+    resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite) if rank == 0 else None
+    if world_size > 1:
+        resume = _broadcast_resume(resume)
+    options.output.mkdir(parents=True, exist_ok=True)
+
+    backend.seed(options.seed)
+    model = build_model(options, backend, dtype, local_rank)
+    padding = options.padding or ("fixed" if backend.name == "npu" else "dynamic")
+    collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
+    callback = RunCallback(options.output, collator, world_size)
+    trainer = GlmTrainer(model=model, args=args,
+                         train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method)
+    callback.trainer = trainer
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank == 0:
+        if resume is not None:
+            truncate_metrics(options.output, int(resume.name.rsplit("-", 1)[-1]))
+        write_json_atomic(options.output / RUN_JSON, {
+            "glm_portable_version": __version__, "identity": identity, "options": options.as_dict(),
+            "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
+                        "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
+                        "dist_backend": backend.dist_backend, "kernels": model.kernels.name},
+            "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
+            "data": {"path": str(options.data), "template": manifest["template"], "rows": len(dataset),
+                     "tokenizer": manifest["tokenizer"]["fingerprint"]},
+            "resumed_from": str(resume) if resume else None, "versions": library_versions(), "patches": [],
+        })
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.nonfinite is not None:
+        step, value = trainer.nonfinite
+        kept = complete_checkpoints(options.output)
+        raise TrainingStopped(f"the loss became {value} at step {step}; training stopped there. "
+                              f"Last good checkpoint: {kept[-1] if kept else 'none (no checkpoint was saved before it)'}")
+    if not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
+        trainer._save_checkpoint(trainer.model, None)
+    metrics = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
+    if rank == 0:
+        write_json_atomic(options.output / RESULTS, metrics)
+        plot_loss(options.output)
+    return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
+
+
+def _broadcast_resume(resume: Optional[Path]) -> Optional[Path]:
+    """Every rank resumes from the checkpoint rank 0 chose."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return resume
+    box = [str(resume) if resume else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None

@@ -1,0 +1,171 @@
+"""Training on the tiny model: loss falls, exact resume, 2 processes = 1, checkpoint contents, refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glm_portable.backends import get_backend
+from glm_portable.data import PreprocessOptions, preprocess
+from glm_portable.errors import TrainingStopped, UserError
+from glm_portable.modeling import load_model, load_prefix, load_tokenizer
+from glm_portable.training.options import TrainOptions
+from glm_portable.training.run_dir import read_metrics
+from glm_portable.training.trainer import run_training
+
+FAKES = Path(__file__).resolve().parent.parent / "fakes"
+COLORS = ["红色", "白色", "黑色", "蓝色", "绿色", "粉色", "灰色", "紫色"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_dir, tmp_path_factory):
+    """Answers follow from the attribute, all rows the same length (so per-rank token means are equal)."""
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子简约大方。"} for c in COLORS] * 4
+    root = tmp_path_factory.mktemp("train-data")
+    train = root / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    preprocess(PreprocessOptions(model=tiny_dir, train_file=train, out=root / "data", num_shards=2))
+    return root / "data"
+
+
+def _options(tiny_dir, data_dir, output, **kwargs):
+    defaults = dict(pre_seq_len=8, lr=2e-2, batch_size=4, grad_accum=1, max_steps=12, logging_steps=1, save_steps=4)
+    return TrainOptions(model=tiny_dir, data=data_dir, output=output, **{**defaults, **kwargs})
+
+
+def _train(options):
+    return run_training(options, get_backend("cpu"), "test")
+
+
+def _cli(*args, env_extra=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLM_PORTABLE_DEVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "glm_portable.cli", "train", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _losses(run_dir):
+    return [(m["step"], m["loss"]) for m in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("method,lr", [("ptuning", 0.3), ("lora", 5e-3)])
+def test_loss_falls_clearly_within_50_steps(tiny_dir, data_dir, tmp_path, method, lr):
+    result = _train(_options(tiny_dir, data_dir, tmp_path / method, method=method, lr=lr, max_steps=50, save_steps=50))
+    losses = [loss for _, loss in _losses(tmp_path / method)]
+    assert len(losses) == 50
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.4, (first, last)  # a random tiny model: ~0.6 nats of 6.9 within 50 steps
+    assert json.loads((tmp_path / method / "train_results.json").read_text()).keys() == {
+        "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch"}
+    assert (tmp_path / method / "loss.png").stat().st_size > 0
+    run = json.loads((tmp_path / method / "run.json").read_text())
+    assert run["backend"]["device"] == "cpu" and run["trainable_parameters"] == sum(
+        p.numel() for p in result.model.parameters() if p.requires_grad)
+
+
+def test_checkpoints_hold_only_what_the_method_trains(tiny_dir, data_dir, tmp_path):
+    _train(_options(tiny_dir, data_dir, tmp_path / "p", max_steps=4, save_total_limit=1))
+    keys = set(load_file(str(tmp_path / "p" / "checkpoint-4" / "model.safetensors")))
+    assert keys == {"transformer.prefix_encoder.embedding.weight"}
+    _train(_options(tiny_dir, data_dir, tmp_path / "l", method="lora", lr=1e-3, max_steps=4))
+    adapter = load_file(str(tmp_path / "l" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+
+
+def test_ptuning_checkpoint_on_a_fresh_base_reproduces_the_trained_model(tiny_dir, data_dir, tmp_path):
+    trained = _train(_options(tiny_dir, data_dir, tmp_path / "run", max_steps=6, save_steps=3)).model.eval()
+    fresh = load_model(tiny_dir, dtype="float32", device="cpu", pre_seq_len=8)
+    load_prefix(fresh, tmp_path / "run" / "checkpoint-6")
+    tok = load_tokenizer(tiny_dir)
+    batch = tok.pad([tok.encode("类型#裙*颜色#红色"), tok.encode("你好")])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+
+
+def test_keep_last_k_checkpoints(tiny_dir, data_dir, tmp_path):
+    _train(_options(tiny_dir, data_dir, tmp_path / "run", max_steps=12, save_steps=2, save_total_limit=2))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-12"]
+
+
+def test_killed_run_resumed_with_auto_reproduces_the_uninterrupted_losses(tiny_dir, data_dir, tmp_path):
+    args = ["--model", tiny_dir, "--data", data_dir, "--pre-seq-len", "8", "--batch-size", "4", "--grad-accum", "1",
+            "--max-steps", "40", "--logging-steps", "1", "--save-steps", "10", "--device", "cpu"]
+    reference = _cli(*args, "--output", tmp_path / "full")
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "glm_portable.cli", "train", *map(str, args), "--output", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoint-10" / "COMPLETE").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "train_results.json").exists(), "the run finished before it could be killed"
+    refused = _cli(*args, "--output", run)
+    assert refused.returncode == 2 and "--resume auto" in refused.stderr
+    resumed = _cli(*args, "--output", run, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(run) == _losses(tmp_path / "full")
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(tiny_dir, tmp_path):
+    """LoRA without dropout is deterministic, and equal answers give every rank the same label count, so
+    the mean of the per-rank losses is the single-process loss of the same samples."""
+    rows = [{"content": f"类型#裙*颜色#{c}*编号#{i}", "summary": "这条裙子简约大方。"} for i, c in enumerate(COLORS * 2)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    preprocess(PreprocessOptions(model=tiny_dir, train_file=train, out=tmp_path / "data"))
+    common = ["--model", tiny_dir, "--data", tmp_path / "data", "--method", "lora", "--lora-dropout", "0", "--lr", "5e-3",
+              "--grad-accum", "1", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "3", "--device", "cpu"]
+    one = _cli(*common, "--batch-size", "4", "--output", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", "29533", "--output", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
+        assert s1 == s2 and abs(l1 - l2) < 1e-5 * abs(l1)
+
+
+def test_refusals_exit_2_with_one_message(tiny_dir, tiny2_dir, data_dir, tmp_path):
+    base = ["--data", data_dir, "--max-steps", "2", "--save-steps", "2", "--pre-seq-len", "4", "--device", "cpu"]
+    mismatch = _cli("--model", tiny2_dir, *base, "--output", tmp_path / "a")
+    assert mismatch.returncode == 2 and "preprocessed for another model" in mismatch.stderr
+    assert _cli("--model", tiny_dir, *base, "--output", tmp_path / "b").returncode == 0
+    other = _cli("--model", tiny_dir, *base, "--lr", "0.1", "--output", tmp_path / "b")
+    assert other.returncode == 2 and "holds a different run (differs in lr)" in other.stderr
+    device = _cli("--model", tiny_dir, *base[:-2], "--device", "npu", "--output", tmp_path / "c")
+    assert device.returncode == 2 and "torch_npu" in device.stderr
+    for result in (mismatch, other, device):
+        assert "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_cleanly_and_names_the_step(tiny_dir, data_dir, tmp_path):
+    options = _options(tiny_dir, data_dir, tmp_path / "run", lr=1e38, max_steps=12, save_steps=1)
+    with pytest.raises(TrainingStopped, match=r"at step \d+; training stopped there. Last good checkpoint") as info:
+        _train(options)
+    step = int(str(info.value).split("at step ")[1].split(";")[0])
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert kept and max(kept) < step
+
+
+def test_dry_run_plans_npu_through_the_double_and_cuda(tiny_dir, data_dir, tmp_path):
+    args = ["--model", tiny_dir, "--data", data_dir, "--output", tmp_path / "x", "--nproc", "8", "--dry-run"]
+    npu = _cli(*args, "--device", "npu", env_extra={"PYTHONPATH": str(FAKES), "FAKE_NPU_DEVICE_COUNT": "8"})
+    assert npu.returncode == 0, npu.stderr
+    plan = json.loads(npu.stdout)
+    assert plan["device"]["dist_backend"] == "hccl"
+    assert plan["environment"]["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    assert plan["environment"]["DS_ACCELERATOR"] == "npu" and plan["environment"]["HCCL_CONNECT_TIMEOUT"]
+    assert plan["precision"] == {"dtype": "bfloat16", "loss_scaling": False, "trainable_dtype": "float32"}
+    assert plan["data"]["padding"] == "fixed" and plan["processes"]["world_size"] == 8
+    assert plan["training"]["trainable_parameters"] == 128 * 2 * 2 * 2 * 16
+    assert not (tmp_path / "x").exists()
+    cpu = _cli(*args[:-3], "--method", "lora", "--dry-run", "--device", "cpu")
+    assert cpu.returncode == 0 and json.loads(cpu.stdout)["training"]["method"] == "lora"
