@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from glm_portable.errors import GlmPortableError
+from glm_portable.errors import GlmPortableError, UserError
 
 app = typer.Typer(
     name="glm-portable",
@@ -206,13 +206,49 @@ def train_command(
         console.print(f"done: {json.dumps(result.metrics)}; run directory [bold]{output}[/]")
 
 
+def config_defaults(argv: list[str]) -> dict[str, dict]:
+    """``--config FILE.yaml`` anywhere on the line: its keys become the command's defaults, so flags win.
+
+    Keys are option names with dashes or underscores (``max-steps`` or ``max_steps``).
+    """
+    if "--config" not in argv:
+        return {}
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise UserError("--config needs a YAML file")
+    path = Path(argv[index + 1])
+    del argv[index:index + 2]
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise UserError(f"--config {path}:{mark.line + 1 if mark else '?'}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    commands = typer.main.get_command(app).commands
+    if command not in commands:
+        return {}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {p.name for p in commands[command].params}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--config {path}: unknown options for {command}: {', '.join(unknown)}")
+    return {command: values}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
 
     Usage errors are click's own (exit 2); anything that is neither is an internal error (exit 1).
     """
     try:
-        app(args=argv)
+        args = list(sys.argv[1:] if argv is None else argv)
+        app(args=args, default_map=config_defaults(args))
     except GlmPortableError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

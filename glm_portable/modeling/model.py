@@ -278,13 +278,22 @@ def positions_from_mask(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32, positions labelled -100 ignored."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int | torch.Tensor] = None
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, positions labelled -100 ignored.
+
+    With ``num_items_in_batch`` (the labelled tokens of a whole gradient-accumulation window, which
+    transformers' Trainer passes) the sum is divided by it, so accumulated micro-batches weigh every
+    token equally; otherwise the mean over this batch.
+    """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    flat_logits, flat_labels = shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -328,7 +337,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def prepare_inputs_for_generation(

@@ -133,6 +133,22 @@ def test_two_processes_equal_one_at_the_same_global_batch(tiny_dir, tmp_path):
         assert s1 == s2 and abs(l1 - l2) < 1e-5 * abs(l1)
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tiny_dir, tmp_path):
+    """2 micro-batches of 2 accumulate to the same step as one batch of 4 (token-weighted loss)."""
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子简约大方。" * (1 + i % 3)} for i, c in enumerate(COLORS)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    preprocess(PreprocessOptions(model=tiny_dir, train_file=train, out=tmp_path / "data"))
+    runs = {}
+    for name, batch, accum in (("big", 4, 1), ("accum", 2, 2)):
+        _train(TrainOptions(model=tiny_dir, data=tmp_path / "data", output=tmp_path / name, method="lora", lora_dropout=0.0,
+                            lr=5e-3, batch_size=batch, grad_accum=accum, max_steps=3, logging_steps=1, save_steps=3))
+        runs[name] = _losses(tmp_path / name)
+    for (s1, l1), (s2, l2) in zip(runs["big"], runs["accum"]):
+        assert s1 == s2 and abs(l1 - l2) < 1e-5 * l1
+    assert 6 < runs["big"][0][1] < 8
+
+
 def test_refusals_exit_2_with_one_message(tiny_dir, tiny2_dir, data_dir, tmp_path):
     base = ["--data", data_dir, "--max-steps", "2", "--save-steps", "2", "--pre-seq-len", "4", "--device", "cpu"]
     mismatch = _cli("--model", tiny2_dir, *base, "--output", tmp_path / "a")
