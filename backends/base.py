@@ -125,7 +125,12 @@ class Backend:
         return None
 
     def prepare_process(self) -> None:
-        """Per-process setup before any model work (NPU: compile mode; others: nothing)."""
+        """Per-process setup before any model work.
+
+        Pins DeepSpeed's accelerator: DeepSpeed picks an NPU whenever torch_npu imports, ahead of
+        CUDA and even when another backend was chosen, so it must never be left to detect.
+        """
+        os.environ["DS_ACCELERATOR"] = self.deepspeed_accelerator
 
     def child_env(self, devices: list[int] | None = None) -> dict[str, str]:
         """Environment a launcher adds for its child processes: visible devices and the DeepSpeed accelerator."""

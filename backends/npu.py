@@ -80,6 +80,7 @@ class NpuBackend(Backend):
 
         Avoids the single-card ``embedding_dense_grad`` error and the slow operator compilation on 910A.
         """
+        super().prepare_process()
         module = self.torch_npu()
         if module is None:
             return

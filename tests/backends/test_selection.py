@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -50,6 +52,13 @@ def test_cpu_policy():
     assert cpu.child_env([0, 1]) == {"DS_ACCELERATOR": "cpu"}
     assert not cpu.needs_loss_scaling(torch.bfloat16)
     assert cpu.memory_stats().peak_allocated > 0
+
+
+def test_prepare_process_pins_the_deepspeed_accelerator(monkeypatch, fake_npu):
+    """DeepSpeed would pick the NPU because torch_npu imports; the chosen backend decides instead."""
+    monkeypatch.setenv("DS_ACCELERATOR", "npu")
+    get_backend("cpu").prepare_process()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
 def test_cuda_child_environment_and_policy():
