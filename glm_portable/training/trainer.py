@@ -74,10 +74,11 @@ class GlmTrainer(Trainer):
 class RunCallback(TrainerCallback):
     """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s) and the stop on a non-finite loss."""
 
-    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int) -> None:
+    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int, device: torch.device) -> None:
         self.run_dir = run_dir
         self.collator = collator
         self.world_size = world_size
+        self.device = device
         self.trainer: Optional[GlmTrainer] = None
         self.last_time = time.perf_counter()
         self.last_step = 0
@@ -86,8 +87,21 @@ class RunCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_step, self.last_tokens = time.perf_counter(), state.global_step, self.collator.tokens
 
+    def _any_rank_nonfinite(self) -> bool:
+        """Every rank stops at the same step, or the others would wait forever in the next all-reduce."""
+        local = self.trainer is not None and self.trainer.nonfinite is not None
+        if self.world_size == 1:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.trainer is not None and self.trainer.nonfinite is None:
+            self.trainer.nonfinite = (self.trainer.state.global_step, float("nan"))
+        return bool(flag.item())
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer is not None and self.trainer.nonfinite is not None:
+        if self._any_rank_nonfinite():
             control.should_training_stop = True
             control.should_save = False
             control.should_log = False
@@ -165,7 +179,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     model = build_model(options, backend, dtype, local_rank)
     padding = options.padding or ("fixed" if backend.name == "npu" else "dynamic")
     collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
-    callback = RunCallback(options.output, collator, world_size)
+    callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
     trainer = GlmTrainer(model=model, args=args,
                          train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method)
     callback.trainer = trainer
