@@ -206,6 +206,43 @@ def train_command(
         console.print(f"done: {json.dumps(result.metrics)}; run directory [bold]{output}[/]")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    model: Path = typer.Option(..., help="Base model directory."),
+    data: Path = typer.Option(..., help="A preprocessed directory (its eval split) or a raw JSON/JSONL file."),
+    output: Path = typer.Option(..., help="Where generated_predictions.txt and eval_results.json go."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A run directory or checkpoint: prefix, LoRA adapter or full model."),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = typer.Option(None, help="Model dtype (default: the backend's)."),
+    batch_size: int = typer.Option(32, help="Prompts generated together (left-padded, KV cache)."),
+    max_new_tokens: int = typer.Option(128),
+    sample: bool = typer.Option(False, help="Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy."),
+    top_p: float = typer.Option(0.7), temperature: float = typer.Option(0.95), seed: int = typer.Option(42),
+    max_source_length: int = typer.Option(64, help="Prompt length for raw files."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N rows only."),
+) -> None:
+    """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from glm_portable.backends import select_backend
+    from glm_portable.evaluation import EvalOptions, SamplingSettings, evaluate
+
+    selection = select_backend(device)
+    selection.backend.prepare_process()
+    options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
+                          sampling=SamplingSettings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
+                          max_source_length=max_source_length, limit=limit)
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bars:
+        task = bars.add_task("generating", total=None)
+        results = evaluate(options, selection.backend, on_start=lambda n: bars.update(task, total=n),
+                           on_batch=lambda n: bars.advance(task, n))
+    console.print(" ".join(f"{k} {results[k]:.2f}" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"))
+                  + f"  ({results['samples']} samples, {results['empty_predictions']} empty; "
+                  f"{results['samples_per_second']} samples/s on {selection.backend.name})")
+    console.print(f"wrote [bold]{output}[/]")
+
+
 def config_defaults(argv: list[str]) -> dict[str, dict]:
     """``--config FILE.yaml`` anywhere on the line: its keys become the command's defaults, so flags win.
 

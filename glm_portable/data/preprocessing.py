@@ -243,6 +243,19 @@ def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> Pre
     return PreprocessResult(manifest, reused=False, format_reason=reason)
 
 
+def encode_eval_file(path: Path, tokenizer, fmt: Optional[str] = None, columns: Columns = Columns(),
+                     max_source_length: int = 64, max_target_length: int = 128) -> Encoded:
+    """Prompt ids and reference texts of a raw JSON/JSONL file, for evaluating without a preprocess step."""
+    records = list(read_records(path))
+    if fmt is None:
+        fmt, _ = detect_format([r.value for r in records if isinstance(r, Record)][:DETECT_ROWS], columns, str(path))
+    rows = _collect(records, fmt, columns, skip_bad=False)
+    if not rows.examples:
+        raise UserError(f"{path}: no usable rows")
+    with _gc_paused():
+        return template_for(tokenizer).encode_eval(tokenizer, rows.examples, max_source_length, max_target_length)
+
+
 def load_preprocessed(data_dir: str | Path, split: str = "train"):
     """The Arrow dataset of one split (memory-mapped, not copied)."""
     import datasets

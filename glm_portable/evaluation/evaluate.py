@@ -1,0 +1,122 @@
+"""``glm-portable evaluate``: generate for held-out prompts, score THUDM's way, write THUDM's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from glm_portable.backends import Backend
+from glm_portable.data import check_compatible, load_preprocessed, template_for
+from glm_portable.data.preprocessing import encode_eval_file
+from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
+from glm_portable.modeling import load_model, load_prefix, load_tokenizer
+from glm_portable.training.run_dir import complete_checkpoints
+
+from .generation import SamplingSettings, generate_batched
+from .metrics import score
+
+PREDICTIONS = "generated_predictions.txt"
+RESULTS = "eval_results.json"
+
+
+@dataclass
+class EvalOptions:
+    model: Path
+    data: Path
+    output: Path
+    checkpoint: Optional[Path] = None
+    batch_size: int = 32
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    dtype: Optional[str] = None
+    max_source_length: int = 64
+    limit: Optional[int] = None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory's newest complete checkpoint."""
+    if not path.is_dir():
+        raise UserError(f"--checkpoint {path}: no such directory")
+    if (path / "run.json").is_file():
+        checkpoints = complete_checkpoints(path)
+        if not checkpoints:
+            raise UserError(f"--checkpoint {path}: the run has no complete checkpoint yet")
+        return checkpoints[-1]
+    return path
+
+
+def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Backend,
+                       dtype: Optional[str | torch.dtype]) -> torch.nn.Module:
+    """The base model plus what the checkpoint trained: a LoRA adapter, a P-Tuning prefix, or full weights.
+
+    A checkpoint whose config sets pre_seq_len is a prefix checkpoint (ours and THUDM's alike); one
+    with an adapter_config.json is a LoRA adapter; anything else is a whole model directory.
+    """
+    if checkpoint is None:
+        return load_model(model_dir, dtype=dtype, device=backend)
+    checkpoint = resolve_checkpoint(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(model_dir, dtype=dtype, device=backend), str(checkpoint)).eval()
+    config = read_json_object(checkpoint / "config.json") if (checkpoint / "config.json").is_file() else {}
+    if config.get("pre_seq_len"):
+        model = load_model(model_dir, dtype=dtype, device=backend, pre_seq_len=config["pre_seq_len"],
+                           prefix_projection=bool(config.get("prefix_projection")))
+        load_prefix(model, checkpoint)
+        return model.eval()
+    return load_model(checkpoint, dtype=dtype, device=backend)
+
+
+def evaluation_rows(options: EvalOptions, tokenizer) -> tuple[list[list[int]], list[str]]:
+    if options.data.is_dir():
+        check_compatible(options.data, tokenizer, template_for(tokenizer).name, options.model)
+        dataset = load_preprocessed(options.data, "eval")
+        prompts, references = dataset["input_ids"], dataset["reference"]
+    else:
+        encoded = encode_eval_file(options.data, tokenizer, max_source_length=options.max_source_length)
+        prompts, references = encoded.input_ids, encoded.references
+    if options.limit:
+        prompts, references = prompts[: options.limit], references[: options.limit]
+    return [list(p) for p in prompts], list(references)
+
+
+def write_outputs(output: Path, predictions: list[str], references: list[str], results: dict[str, Any]) -> None:
+    """THUDM's generated_predictions.txt (one {"labels", "predict"} object a line) and the results JSON."""
+    output.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for p, l in zip(predictions, references))
+    for name, text in ((PREDICTIONS, lines), (RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")):
+        tmp = output / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, output / name)
+
+
+def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Module] = None,
+             on_batch: Optional[Callable[[int], None]] = None, on_start: Optional[Callable[[int], None]] = None
+             ) -> dict[str, Any]:
+    """Generate, score and write; ``model`` skips loading (to evaluate a model already in memory)."""
+    if options.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
+    tokenizer = load_tokenizer(options.model)
+    prompts, references = evaluation_rows(options, tokenizer)
+    if model is None:
+        model = load_for_inference(options.model, options.checkpoint, backend, options.dtype)
+    model.eval()
+    if on_start:
+        on_start(len(prompts))
+    started = time.perf_counter()
+    predictions = generate_batched(model, tokenizer, prompts, options.batch_size, options.sampling, on_batch)
+    seconds = time.perf_counter() - started
+    results = {**score(predictions, references).summary(),
+               "generation_seconds": round(seconds, 3), "samples_per_second": round(len(prompts) / seconds, 3),
+               "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
+                            "data": str(options.data), "device": backend.name, "batch_size": options.batch_size,
+                            **asdict(options.sampling)}}
+    write_outputs(options.output, predictions, references, results)
+    return results
