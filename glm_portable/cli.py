@@ -243,6 +243,83 @@ def evaluate_command(
     console.print(f"wrote [bold]{output}[/]")
 
 
+@app.command("chat")
+def chat_command(
+    model: Path = typer.Option(..., help="Base model directory."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A run directory or checkpoint: prefix, LoRA adapter or full model."),
+    query: Optional[str] = typer.Option(None, help="Answer this one question, print the answer and exit."),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = typer.Option(None),
+    max_new_tokens: int = typer.Option(256),
+    greedy: bool = typer.Option(False, help="Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8)."),
+    top_p: float = typer.Option(0.8), temperature: float = typer.Option(0.8),
+) -> None:
+    """Chat in the terminal (streaming, history, /clear, /exit), or answer one --query for scripts."""
+    from glm_portable.backends import select_backend
+    from glm_portable.evaluation import load_for_inference
+    from glm_portable.modeling import GenerationSettings, load_tokenizer, stream_chat
+
+    selection = select_backend(device)
+    selection.backend.prepare_process()
+    tokenizer = load_tokenizer(model)
+    loaded = load_for_inference(model, checkpoint, selection.backend, dtype)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
+    if query is not None:
+        answer = ""
+        for answer, _ in stream_chat(loaded, tokenizer, query, settings=settings):
+            pass
+        print(answer)
+        return
+    console.print(f"{tokenizer.family} on {selection.backend.name}. Type /clear to forget the conversation, /exit to leave.")
+    history: list[dict] = []
+    while True:
+        try:
+            text = console.input("[bold]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/clear":
+            history = []
+            console.print("[dim](history cleared)[/]")
+            continue
+        if not text:
+            continue
+        shown = ""
+        for answer, updated in stream_chat(loaded, tokenizer, text, history, settings):
+            print(answer[len(shown):] if answer.startswith(shown) else "\n" + answer, end="", flush=True)
+            shown, history = answer, updated
+        print()
+
+
+@app.command("demo")
+def demo_command(
+    output: Path = typer.Option(Path("glm-portable-demo"), help="Directory for everything the demo makes (replaced)."),
+    method: str = typer.Option("lora", help="lora or ptuning."),
+    device: Optional[str] = DeviceOption,
+    steps: int = typer.Option(200, help="Training steps."),
+) -> None:
+    """The whole pipeline on a tiny model: build, preprocess, evaluate, fine-tune, evaluate again, report."""
+    from glm_portable.backends import select_backend
+    from glm_portable.demo import run_demo
+
+    selection = select_backend(device)
+    console.print(f"device: [bold]{selection.backend.name}[/] ({selection.reason})")
+    with console.status("starting") as status:
+        report = run_demo(output, method, selection, steps, stage=lambda text: status.update(text))
+    losses = report.losses
+    console.print(f"trained {report.method} for {report.steps} steps; loss "
+                  + " → ".join(f"{loss:.2f}" for _, loss in losses[:: max(1, len(losses) // 6)] + losses[-1:]))
+    table = Table("metric", "before", "after")
+    for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        table.add_row(key, f"{report.before[key]:.2f}", f"{report.after[key]:.2f}")
+    console.print(table)
+    example = (report.output / "eval-after" / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()[0]
+    console.print(f"example: {json.loads(example)}")
+    console.print(f"{report.seconds:.0f} s. Files in [bold]{report.output}[/]: model/, data/, run/ (checkpoints, "
+                  "metrics.jsonl, loss.png), eval-before/, eval-after/ (generated_predictions.txt, eval_results.json)")
+
+
 def config_defaults(argv: list[str]) -> dict[str, dict]:
     """``--config FILE.yaml`` anywhere on the line: its keys become the command's defaults, so flags win.
 

@@ -13,39 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
-
-ATTRIBUTES = {
-    "类型": ["裙", "上衣", "裤", "外套", "衬衫", "毛衣"],
-    "颜色": ["白色", "黑色", "红色", "蓝色", "粉色", "灰色", "绿色"],
-    "风格": ["简约", "复古", "休闲", "通勤", "甜美", "性感", "街头"],
-    "图案": ["条纹", "碎花", "格子", "纯色", "印花"],
-    "材质": ["棉", "雪纺", "牛仔布", "针织", "羊毛"],
-    "版型": ["宽松", "修身", "直筒", "a字"],
-}
-PHRASES = [
-    "这款{类型}采用{材质}面料，穿着舒适透气，", "{颜色}的配色简单大方，", "{版型}的版型修饰身材，",
-    "{图案}的设计增添了几分{风格}气息，", "搭配小白鞋就能穿出时尚感，", "细节处理精致，做工考究，",
-    "适合日常通勤和周末出游，", "展现出独特的个人魅力。", "是衣橱里不可缺少的百搭单品。",
-]
-
-
-def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        values = {k: rng.choice(v) for k, v in ATTRIBUTES.items()}
-        keys = ["类型"] + rng.sample([k for k in ATTRIBUTES if k != "类型"], rng.randint(2, 4))
-        content = "*".join(f"{k}#{values[k]}" for k in keys)
-        summary = ""
-        while len(summary) < 90:
-            summary += rng.choice(PHRASES).format(**values)
-        rows.append({"content": content, "summary": summary})
-    return rows
-
 
 def thudm_style_tokenizer(model_dir: Path):
     """A transformers slow (Python) tokenizer over the model's SentencePiece file with ChatGLM2's special
@@ -133,12 +103,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from glm_portable.data import PreprocessOptions, load_preprocessed, preprocess
+    from glm_portable.data.synthetic import adgen_rows
     from glm_portable.modeling.tiny import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     model = args.model or make_tiny_model(work / "model", family="chatglm2", vocab_size=4000)
     train_file = work / "train.json"
-    train_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in synthetic_rows(args.rows)), encoding="utf-8")
+    rows = adgen_rows(args.rows, seed=0, min_answer_chars=90)
+    train_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
 
     start = time.perf_counter()
     result = preprocess(PreprocessOptions(model=model, train_file=train_file, out=work / "ours", num_proc=args.num_proc,

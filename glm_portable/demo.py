@@ -1,0 +1,89 @@
+"""``glm-portable demo``: the whole pipeline on a tiny model in about a minute on a laptop CPU.
+
+Builds a tiny ChatGLM3 model, writes an ADGEN-style dataset whose answers follow from the
+attributes, preprocesses it, evaluates the untrained model on held-out rows, fine-tunes, evaluates
+again, and reports. On a GPU or NPU the same steps run there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from glm_portable.backends import Selection
+from glm_portable.data import PreprocessOptions, preprocess
+from glm_portable.data.synthetic import adgen_rows
+from glm_portable.errors import UserError
+from glm_portable.evaluation import EvalOptions, SamplingSettings, evaluate
+from glm_portable.modeling.tiny import make_tiny_model
+from glm_portable.training.options import TrainOptions
+from glm_portable.training.run_dir import read_metrics
+from glm_portable.training.trainer import run_training
+
+TRAIN_ROWS, EVAL_ROWS = 600, 40
+# The tiny base is random: a prefix has little to steer, so each method gets a rate that moves it.
+DEMO_LR = {"lora": 1e-2, "ptuning": 3e-1}
+LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class DemoReport:
+    device: str
+    reason: str
+    method: str
+    steps: int
+    losses: list[tuple[int, float]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    seconds: float
+    output: Path
+
+
+def run_demo(output: Path, method: str, selection: Selection, steps: int = 200, overwrite: bool = True,
+             stage: Optional[Callable[[str], None]] = None) -> DemoReport:
+    if method not in DEMO_LR:
+        raise UserError(f"--method {method!r}: expected one of {', '.join(DEMO_LR)}")
+    if output.exists() and any(output.iterdir()):
+        if not (output / "demo.json").is_file() and not overwrite:
+            raise UserError(f"{output}: exists and is not a demo directory")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    say = stage or (lambda _: None)
+    started = time.perf_counter()
+    backend = selection.backend
+    backend.prepare_process()
+
+    say("building a tiny ChatGLM3 model")
+    model = make_tiny_model(output / "model", family="chatglm3", hidden_size=128, layers=2, heads=4, kv_groups=2)
+    say("writing the ADGEN-style dataset")
+    rows = adgen_rows(TRAIN_ROWS + EVAL_ROWS, seed=0)
+    for name, part in (("train.json", rows[:TRAIN_ROWS]), ("dev.json", rows[TRAIN_ROWS:])):
+        (output / name).write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in part) + "\n", encoding="utf-8")
+    say("preprocessing")
+    preprocess(PreprocessOptions(model=model, train_file=output / "train.json", eval_file=output / "dev.json",
+                                 out=output / "data", max_target_length=64))
+    sampling = SamplingSettings(max_new_tokens=40)
+    say("evaluating the untrained model")
+    before = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-before", sampling=sampling), backend)
+    say(f"training ({method}, {steps} steps)")
+    options = TrainOptions(model=model, data=output / "data", output=output / "run", method=method, lr=DEMO_LR[method],
+                           pre_seq_len=16, lora_rank=16, lora_alpha=32, lora_dropout=0.0, lora_target=LORA_TARGETS,
+                           batch_size=16, grad_accum=1, max_steps=steps, logging_steps=max(1, steps // 10),
+                           save_steps=steps)
+    run_training(options, backend, selection.reason)
+    say("evaluating the fine-tuned model")
+    after = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-after",
+                                 checkpoint=output / "run", sampling=sampling), backend)
+    report = DemoReport(backend.name, selection.reason, method, steps,
+                        [(m["step"], m["loss"]) for m in read_metrics(output / "run")], before, after,
+                        time.perf_counter() - started, output)
+    (output / "demo.json").write_text(json.dumps({
+        "device": report.device, "method": method, "steps": steps, "losses": report.losses, "seconds": round(report.seconds, 1),
+        "before": {k: before[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
+        "after": {k: after[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
+    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
