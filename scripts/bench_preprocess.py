@@ -109,7 +109,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     model = args.model or make_tiny_model(work / "model", family="chatglm2", vocab_size=4000)
     train_file = work / "train.json"
-    rows = adgen_rows(args.rows, seed=0, min_answer_chars=90)
+    rows = adgen_rows(args.rows, seed=0, min_answer_chars=90, varied=True)
     train_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
 
     start = time.perf_counter()

@@ -21,8 +21,13 @@ EXTRA_PHRASES = [
 ]
 
 
-def adgen_rows(count: int, seed: int = 0, min_answer_chars: int = 0) -> list[dict[str, str]]:
-    """``{"content": "类型#裙*颜色#红色*...", "summary": ...}`` rows; the summary is a function of the attributes."""
+def adgen_rows(count: int, seed: int = 0, min_answer_chars: int = 0, varied: bool = False) -> list[dict[str, str]]:
+    """``{"content": "类型#裙*颜色#红色*...", "summary": ...}`` rows.
+
+    The summary is a function of the attributes (learnable), padded to ``min_answer_chars`` with
+    phrases chosen by the attributes, or at random with ``varied`` so that, as in ADGEN itself,
+    almost no two answers repeat.
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
@@ -31,7 +36,8 @@ def adgen_rows(count: int, seed: int = 0, min_answer_chars: int = 0) -> list[dic
         summary = TEMPLATE.format(**values)
         phrase = sum(map(ord, "".join(values.values())))
         while len(summary) < min_answer_chars:
-            summary += EXTRA_PHRASES[phrase % len(EXTRA_PHRASES)].format(**values)
+            index = rng.randrange(len(EXTRA_PHRASES)) if varied else phrase % len(EXTRA_PHRASES)
+            summary += EXTRA_PHRASES[index].format(**values)
             phrase += 1
         rows.append({"content": "*".join(f"{k}#{values[k]}" for k in keys), "summary": summary})
     return rows
