@@ -152,7 +152,10 @@ def train_command(
     model: Path = typer.Option(..., help="Base model directory."),
     data: Path = typer.Option(..., help="Directory written by `glm-portable preprocess` for this model."),
     output: Path = typer.Option(..., help="Run directory (checkpoints, metrics.jsonl, run.json, loss.png)."),
-    method: str = typer.Option("ptuning", help="ptuning (P-Tuning v2) or lora."),
+    method: str = typer.Option("ptuning", help="ptuning (P-Tuning v2), lora, or full (with --deepspeed)."),
+    deepspeed: Optional[str] = typer.Option(None, help="zero2 or zero3: DeepSpeed ZeRO for --method full."),
+    deepspeed_config: Optional[Path] = typer.Option(None, help="A DeepSpeed JSON merged over the generated config."),
+    offload: bool = typer.Option(False, help="ZeRO optimizer state offloaded to CPU memory."),
     device: Optional[str] = DeviceOption,
     dtype: Optional[str] = typer.Option(None, help="Base model dtype (default: the backend's: bf16, fp16 or fp32 on CPU)."),
     pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
@@ -177,13 +180,14 @@ def train_command(
 ) -> None:
     """Fine-tune with P-Tuning v2 or LoRA on one card or many (same command on CPU, GPU and NPU)."""
     from glm_portable.backends import select_backend
-    from glm_portable.training.launcher import is_launched_child, launch, plan
+    from glm_portable.training.launcher import dry_run_plan, is_launched_child, launch, plan
     from glm_portable.training.options import TrainOptions
     from glm_portable.training.run_dir import resolve_resume
     from glm_portable.training.trainer import run_identity, run_training
 
     options = TrainOptions(
-        model=model, data=data, output=output, method=method, device=device, dtype=dtype, pre_seq_len=pre_seq_len,
+        model=model, data=data, output=output, method=method, deepspeed=deepspeed, deepspeed_config=deepspeed_config,
+        offload=offload, device=device, dtype=dtype, pre_seq_len=pre_seq_len,
         prefix_projection=prefix_projection, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=[t.strip() for t in lora_target.split(",") if t.strip()], lr=lr, batch_size=batch_size,
         grad_accum=grad_accum, max_steps=max_steps, warmup_steps=warmup_steps, logging_steps=logging_steps,
@@ -192,13 +196,13 @@ def train_command(
         master_addr=master_addr, master_port=master_port, resume=resume, overwrite=overwrite,
     )
     options.validate()
-    selection = select_backend(device)
     if dry_run:
-        print(json.dumps(plan(options, selection.backend, selection.reason), indent=2, ensure_ascii=False))
+        print(json.dumps(dry_run_plan(options), indent=2, ensure_ascii=False))
         return
-    if (nproc > 1 or nnodes > 1) and not is_launched_child():
+    selection = select_backend(device)
+    if (nproc > 1 or nnodes > 1 or options.deepspeed) and not is_launched_child():
         plan(options, selection.backend, selection.reason)
-        resolve_resume(options.output, run_identity(options), options.resume, options.overwrite)
+        resolve_resume(options.output, run_identity(options), options.resume, options.overwrite, nproc * nnodes)
         console.print(f"launching {nproc} × {nnodes} processes on {selection.backend.name}")
         raise typer.Exit(launch(options, selection.backend, sys.argv[1:]))
     result = run_training(options, selection.backend, selection.reason)

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from glm_portable.backends import Backend
+from glm_portable.backends import DEVICE_ENV, Backend, BackendUnavailable, get_backend, select_backend
 from glm_portable.data import check_compatible, template_for
 from glm_portable.modeling import ChatGLMForConditionalGeneration, load_config, load_tokenizer, resolve_dtype
 
+from .deepspeed_config import build_deepspeed_config
 from .options import TrainOptions
 
 LAUNCHED_ENV = "GLM_PORTABLE_LAUNCHED"
@@ -72,24 +73,39 @@ def trainable_parameters(options: TrainOptions) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     if options.method == "ptuning":
         return sum(p.numel() for p in model.transformer.prefix_encoder.parameters()), total
+    if options.method == "full":
+        return total, total
     per_layer = sum(m.in_features + m.out_features for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in options.lora_target)
     return per_layer * options.lora_rank, total + per_layer * options.lora_rank
 
 
-def plan(options: TrainOptions, backend: Backend, reason: str) -> dict[str, Any]:
+def dry_run_plan(options: TrainOptions) -> dict[str, Any]:
+    """The plan for the selected device; for a device named with --device but absent here, the plan it
+    would run (bf16 assumed unless --dtype), so that multi-card runs can be prepared on any machine."""
+    try:
+        selection = select_backend(options.device)
+    except BackendUnavailable as exc:
+        backend = get_backend((options.device or os.environ.get(DEVICE_ENV, "")).strip().lower())
+        dtype = resolve_dtype(options.dtype or "bfloat16", backend)
+        return plan(options, backend, f"not available here, planned anyway: {str(exc).splitlines()[0]}", dtype)
+    return plan(options, selection.backend, selection.reason)
+
+
+def plan(options: TrainOptions, backend: Backend, reason: str, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """What a run would do, checked as far as it can be without loading weights."""
     tokenizer = load_tokenizer(options.model)
     manifest = check_compatible(options.data, tokenizer, template_for(tokenizer).name, options.model)
-    dtype = resolve_dtype(options.dtype, backend)
+    dtype = dtype or resolve_dtype(options.dtype, backend)
     trainable, total = trainable_parameters(options)
     processes = options.nproc * options.nnodes
-    env = child_environment(options, backend) if processes > 1 else {}
+    launched = processes > 1 or options.deepspeed is not None
+    env = child_environment(options, backend) if launched else {}
     return {
-        "device": {"backend": backend.name, "reason": reason, "dist_backend": backend.dist_backend if processes > 1 else None},
+        "device": {"backend": backend.name, "reason": reason, "dist_backend": backend.dist_backend if launched else None},
         "processes": {"nnodes": options.nnodes, "nproc_per_node": options.nproc, "world_size": processes,
                       "node_rank": options.node_rank, "master": f"{options.master_addr}:{options.master_port}",
-                      "command": launcher_command(options, ["train", "..."]) if processes > 1 else None},
+                      "command": launcher_command(options, ["train", "..."]) if launched else None},
         "environment": env,
         "precision": {"dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
                       "trainable_dtype": "float32"},
@@ -99,4 +115,6 @@ def plan(options: TrainOptions, backend: Backend, reason: str) -> dict[str, Any]
         "training": {"method": options.method, "trainable_parameters": trainable, "total_parameters": total,
                      "global_batch": options.batch_size * options.grad_accum * processes, "lr": options.lr,
                      "max_steps": options.max_steps, "save_steps": options.save_steps, "output": str(options.output)},
+        "deepspeed": build_deepspeed_config(options.deepspeed, dtype if backend.name != "cpu" else torch.float32,
+                                            options.offload, options.deepspeed_config) if options.deepspeed else None,
     }

@@ -9,7 +9,7 @@ import torch
 from glm_portable.backends import Backend
 from glm_portable.errors import UserError
 from glm_portable.modeling import load_model, load_prefix
-from glm_portable.modeling.checkpoint import write_weights
+from glm_portable.modeling.checkpoint import load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY
 
 from .options import TrainOptions
@@ -18,10 +18,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, local_rank: int = 0) -> torch.nn.Module:
-    """The model with only the method's parameters trainable (fp32), the base frozen in ``dtype``."""
+    """The model with only the method's parameters trainable (fp32), the base frozen in ``dtype``.
+
+    Full fine-tuning loads fp32 master weights; DeepSpeed runs them in ``dtype`` (its bf16 / fp16 config).
+    """
     if options.method == "ptuning":
         return load_model(options.model, dtype=dtype, device=backend, pre_seq_len=options.pre_seq_len,
                           prefix_projection=options.prefix_projection, local_rank=local_rank)
+    if options.method == "full":
+        return load_model(options.model, dtype=torch.float32, device=backend, local_rank=local_rank)
     from peft import LoraConfig, get_peft_model
 
     base = load_model(options.model, dtype=dtype, device=backend, local_rank=local_rank)
@@ -48,6 +53,9 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
         state = {k: v for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
         model.config.save(directory)
         write_weights(state, directory)
+    elif method == "full":
+        model.config.save(directory, dtype="float32")
+        write_weights(model.state_dict(), directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
 
@@ -56,6 +64,9 @@ def load_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
     """Load a checkpoint written by ``save_trained`` into a model built by ``build_model``."""
     if method == "ptuning":
         load_prefix(model, directory)
+        return
+    if method == "full":
+        load_weights(model, directory)
         return
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from glm_portable.errors import UserError
 
-METHODS = ("ptuning", "lora")
+METHODS = ("ptuning", "lora", "full")
 
 
 @dataclass
@@ -25,6 +25,9 @@ class TrainOptions:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target: list[str] = field(default_factory=lambda: ["query_key_value"])
+    deepspeed: Optional[str] = None
+    deepspeed_config: Optional[Path] = None
+    offload: bool = False
     lr: float = 2e-2
     batch_size: int = 1
     grad_accum: int = 16
@@ -46,7 +49,13 @@ class TrainOptions:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)} (full fine-tuning: coming)")
+            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method == "full" and self.deepspeed is None:
+            raise UserError("--method full needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state sharded)")
+        if self.deepspeed is not None and self.method != "full":
+            raise UserError(f"--deepspeed is for --method full; {self.method} trains too few parameters to need it")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise UserError(f"--deepspeed-config {self.deepspeed_config}: no such file")
         positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--max-steps": self.max_steps,
                     "--logging-steps": self.logging_steps, "--save-steps": self.save_steps, "--nproc": self.nproc,
                     "--nnodes": self.nnodes, "--pre-seq-len": self.pre_seq_len, "--lora-rank": self.lora_rank}

@@ -19,7 +19,7 @@ LOSS_PLOT = "loss.png"
 COMPLETE = "COMPLETE"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 IDENTITY_KEYS = ("model", "data", "method", "pre_seq_len", "prefix_projection", "lora_rank", "lora_alpha",
-                 "lora_target", "lr", "batch_size", "grad_accum", "seed", "max_steps", "warmup_steps")
+                 "lora_target", "lr", "batch_size", "grad_accum", "seed", "max_steps", "warmup_steps", "deepspeed")
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -36,7 +36,8 @@ def mark_complete(checkpoint: Path) -> None:
     (checkpoint / COMPLETE).write_text("", encoding="utf-8")
 
 
-def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool) -> Optional[Path]:
+def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool,
+                   world_size: int = 1) -> Optional[Path]:
     """Decide, without changing anything, what a run does with its output dir; returns the checkpoint to resume.
 
     A dir holding a different run is refused unless --overwrite; the same run without --resume is
@@ -51,20 +52,26 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"{run_dir}: exists and holds files that are not a glm-portable run (use --overwrite)")
         return None
-    previous = read_json_object(existing).get("identity", {})
+    recorded = read_json_object(existing)
+    previous = recorded.get("identity", {})
     differing = [k for k in IDENTITY_KEYS if previous.get(k) != identity.get(k)]
     if differing:
         raise UserError(f"{run_dir}: holds a different run (differs in {', '.join(differing)}); "
                         "use another --output or --overwrite")
     if resume != "auto":
         raise UserError(f"{run_dir}: holds this run already; continue it with --resume auto or start again with --overwrite")
+    if identity.get("deepspeed") and recorded.get("world_size") not in (None, world_size):
+        raise UserError(f"{run_dir}: was trained on {recorded['world_size']} processes; DeepSpeed's sharded optimizer "
+                        f"state cannot resume on {world_size}. Resume with the same --nproc/--nnodes, or start a new run "
+                        "from the checkpoint's weights (--model <checkpoint>)")
     checkpoints = complete_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
 
 
-def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool) -> Optional[Path]:
+def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool,
+                    world_size: int = 1) -> Optional[Path]:
     """``resolve_resume``, then clear the dir when --overwrite asked for it."""
-    checkpoint = resolve_resume(run_dir, identity, resume, overwrite)
+    checkpoint = resolve_resume(run_dir, identity, resume, overwrite, world_size)
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     return checkpoint

@@ -25,6 +25,7 @@ from glm_portable.environment import library_versions
 from glm_portable.errors import TrainingStopped
 from glm_portable.modeling import load_tokenizer, resolve_dtype
 
+from .deepspeed_config import build_deepspeed_config
 from .methods import build_model, load_trained, save_trained
 from .options import TrainOptions
 from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkpoints, mark_complete, plot_loss,
@@ -134,9 +135,12 @@ def run_identity(options: TrainOptions) -> dict[str, Any]:
 
 def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dtype, world_size: int) -> TrainingArguments:
     accelerated = backend.name != "cpu"
-    checkpointing: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if options.deepspeed:
+        extra["deepspeed"] = build_deepspeed_config(options.deepspeed, dtype if accelerated else torch.float32,
+                                                    options.offload, options.deepspeed_config)
     if options.gradient_checkpointing:
-        checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainingArguments(
         output_dir=str(options.output), per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr, max_steps=options.max_steps,
@@ -146,7 +150,7 @@ def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dty
         use_cpu=not accelerated, report_to=[], remove_unused_columns=False, logging_nan_inf_filter=False,
         lr_scheduler_type="linear", weight_decay=0.0, dataloader_num_workers=0, average_tokens_across_devices=False,
         ddp_backend=backend.dist_backend if world_size > 1 else None, ddp_find_unused_parameters=False,
-        disable_tqdm=not os.isatty(2), **checkpointing,
+        disable_tqdm=not os.isatty(2), **extra,
     )
 
 
@@ -170,7 +174,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     identity = run_identity(options)
     args = training_arguments(options, backend, dtype, world_size)
     args.device  # sets up the process group, which the choice of checkpoint is shared over
-    resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite) if rank == 0 else None
+    resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size) if rank == 0 else None
     if world_size > 1:
         resume = _broadcast_resume(resume)
     options.output.mkdir(parents=True, exist_ok=True)
@@ -209,7 +213,18 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     if rank == 0:
         write_json_atomic(options.output / RESULTS, metrics)
         plot_loss(options.output)
+    _leave_process_group()
     return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
+
+
+def _leave_process_group() -> None:
+    """Tear the group down while every rank is still alive; DeepSpeed's communicator aborts a process
+    that exits with the group open."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _broadcast_resume(resume: Optional[Path]) -> Optional[Path]:
