@@ -209,12 +209,24 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
                               f"Last good checkpoint: {kept[-1] if kept else 'none (no checkpoint was saved before it)'}")
     if not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
         trainer._save_checkpoint(trainer.model, None)
-    metrics = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
+    metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
+    metrics["peak_memory_bytes_per_rank"] = _gather(backend.memory_stats(local_rank).peak_allocated, world_size)
     if rank == 0:
         write_json_atomic(options.output / RESULTS, metrics)
         plot_loss(options.output)
     _leave_process_group()
     return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """``value`` from every rank, in rank order (CPU peak memory is per process, so each rank reports)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _leave_process_group() -> None:
