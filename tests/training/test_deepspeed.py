@@ -51,6 +51,8 @@ def test_zero2_loss_falls_and_matches_one_process(runs):
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-3 * a  # per-rank token means differ slightly from the global mean
     assert json.loads((root / "two" / "run.json").read_text())["world_size"] == 2
+    peaks = json.loads((root / "two" / "train_results.json").read_text())["peak_memory_bytes_per_rank"]
+    assert len(peaks) == 2 and all(p > 0 for p in peaks)
 
 
 def test_resume_at_the_same_world_size_continues_the_curve(runs):
