@@ -118,3 +118,17 @@ def test_a_user_deepspeed_json_is_merged(runs, tiny_dir, tmp_path):
     plan = json.loads(out.stdout)
     assert plan["deepspeed"]["zero_optimization"]["overlap_comm"] is False
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 2 and plan["deepspeed"]["steps_per_print"] == 50
+
+
+def test_full_needs_deepspeed_and_deepspeed_needs_full(tmp_path):
+    from glm_portable.errors import UserError
+    from glm_portable.training.options import TrainOptions
+
+    with pytest.raises(UserError, match="--method full needs --deepspeed"):
+        TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="full").validate()
+    with pytest.raises(UserError, match="--deepspeed is for --method full"):
+        TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="lora", deepspeed="zero2").validate()
+    with pytest.raises(UserError, match="expected one of zero2, zero3"):
+        from glm_portable.training.deepspeed_config import build_deepspeed_config
+
+        build_deepspeed_config("zero1", torch.float32)
