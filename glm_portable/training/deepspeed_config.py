@@ -28,6 +28,8 @@ def build_deepspeed_config(stage_name: str, dtype: torch.dtype, offload: bool = 
         "stage": STAGES[stage_name], "allgather_partitions": True, "allgather_bucket_size": BUCKET,
         "reduce_scatter": True, "reduce_bucket_size": BUCKET, "overlap_comm": True, "contiguous_gradients": True,
     }
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     config: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -46,8 +47,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
-    """Write only what the method trains: the prefix encoder, or the LoRA adapter (safetensors)."""
+def save_trained(model: torch.nn.Module, method: str, directory: Path,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write only what the method trains: the prefix encoder, the LoRA adapter, or the whole model.
+
+    ``state_dict`` is the gathered one under ZeRO-3, where the module's own parameters are shards.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     if method == "ptuning":
         state = {k: v for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
@@ -55,7 +60,7 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path) -> None:
         write_weights(state, directory)
     elif method == "full":
         model.config.save(directory, dtype="float32")
-        write_weights(model.state_dict(), directory)
+        write_weights(state_dict if state_dict is not None else model.state_dict(), directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
 

@@ -55,7 +55,8 @@ class GlmTrainer(Trainer):
         self.nonfinite: Optional[tuple[int, float]] = None
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir))
+        save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir),
+                     state_dict if self.method == "full" else None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
         load_trained(model or self.model, self.method, Path(resume_from_checkpoint))
