@@ -229,12 +229,12 @@ def evaluate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from glm_portable.backends import select_backend
-    from glm_portable.evaluation import EvalOptions, SamplingSettings, evaluate
+    from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate
 
     selection = select_backend(device)
     selection.backend.prepare_process()
     options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
-                          sampling=SamplingSettings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
+                          sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
                           max_source_length=max_source_length, limit=limit)
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:

@@ -18,7 +18,7 @@ from glm_portable.backends import Selection
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
 from glm_portable.errors import UserError
-from glm_portable.evaluation import EvalOptions, SamplingSettings, evaluate
+from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate
 from glm_portable.modeling.tiny import make_tiny_model
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.run_dir import read_metrics
@@ -66,7 +66,7 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200, 
     say("preprocessing")
     preprocess(PreprocessOptions(model=model, train_file=output / "train.json", eval_file=output / "dev.json",
                                  out=output / "data", max_target_length=64))
-    sampling = SamplingSettings(max_new_tokens=40)
+    sampling = evaluation_settings(max_new_tokens=40)
     say("evaluating the untrained model")
     before = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-before", sampling=sampling), backend)
     say(f"training ({method}, {steps} steps)")

@@ -16,10 +16,10 @@ from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object
-from glm_portable.modeling import load_model, load_prefix, load_tokenizer
+from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
 from glm_portable.training.run_dir import complete_checkpoints
 
-from .generation import SamplingSettings, generate_batched
+from .generation import evaluation_settings, generate_batched
 from .metrics import score
 
 PREDICTIONS = "generated_predictions.txt"
@@ -33,7 +33,7 @@ class EvalOptions:
     output: Path
     checkpoint: Optional[Path] = None
     batch_size: int = 32
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: GenerationSettings = field(default_factory=evaluation_settings)
     dtype: Optional[str] = None
     max_source_length: int = 64
     limit: Optional[int] = None

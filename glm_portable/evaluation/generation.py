@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from glm_portable.modeling import ChatGLMTokenizer
+from glm_portable.modeling import ChatGLMTokenizer, GenerationSettings
 
 
-@dataclass
-class SamplingSettings:
+def evaluation_settings(max_new_tokens: int = 128, sample: bool = False, top_p: float = 0.7,
+                        temperature: float = 0.95, seed: int = 42) -> GenerationSettings:
     """Greedy by default (reproducible); ``sample`` reproduces THUDM's evaluation (top_p 0.7, temperature 0.95)."""
-
-    max_new_tokens: int = 128
-    sample: bool = False
-    top_p: float = 0.7
-    temperature: float = 0.95
-    seed: int = 42
-
-    def generate_kwargs(self, tokenizer: ChatGLMTokenizer) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.sample,
-                  "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id}
-        if self.sample:
-            kwargs.update(top_p=self.top_p, temperature=self.temperature)
-        return kwargs
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p, temperature=temperature, seed=seed)
 
 
 @torch.inference_mode()
@@ -34,7 +21,7 @@ def generate_batched(
     tokenizer: ChatGLMTokenizer,
     prompts: Sequence[Sequence[int]],
     batch_size: int,
-    settings: SamplingSettings,
+    settings: GenerationSettings,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> list[str]:
     """Decoded answers in the order of ``prompts``.
@@ -46,7 +33,7 @@ def generate_batched(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
-    if settings.sample:
+    if settings.do_sample and settings.seed is not None:
         torch.manual_seed(settings.seed)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]

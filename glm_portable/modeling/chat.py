@@ -16,12 +16,16 @@ from .tokenizer import ChatGLMTokenizer
 
 @dataclass
 class GenerationSettings:
-    """ChatGLM2/3's chat defaults: sampling with top_p 0.8 and temperature 0.8."""
+    """How to generate; the defaults are ChatGLM2/3's chat defaults (sampling, top_p 0.8, temperature 0.8).
+
+    ``seed`` (when sampling) makes sampled output repeatable.
+    """
 
     max_new_tokens: int = 256
     do_sample: bool = True
     top_p: float = 0.8
     temperature: float = 0.8
+    seed: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def generate_kwargs(self, tokenizer: ChatGLMTokenizer) -> dict:

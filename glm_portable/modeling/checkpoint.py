@@ -13,7 +13,6 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
 
 SAFE_INDEX = "model.safetensors.index.json"

@@ -8,7 +8,6 @@ with optimizer, scheduler, RNG and data position; this module decides what a che
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from glm_portable.data import (Columns, PreprocessOptions, TrainCollator, check_compatible, load_preprocessed,
+from glm_portable.data import (PreprocessOptions, TrainCollator, check_compatible, load_preprocessed,
                                preprocess, read_manifest)
 from glm_portable.errors import UserError
 from glm_portable.modeling import load_tokenizer

@@ -7,7 +7,7 @@ import pytest
 from glm_portable.backends import get_backend, select_backend
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
-from glm_portable.evaluation import EvalOptions, SamplingSettings, evaluate, generate_batched
+from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate, generate_batched
 from glm_portable.modeling import GenerationSettings, chat, load_model, load_tokenizer
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.trainer import run_training
@@ -30,7 +30,7 @@ def test_batched_greedy_generation_equals_batch_size_one(tiny_dir, data_dir):
     tok = load_tokenizer(tiny_dir)
     prompts = [list(p) for p in datasets.load_from_disk(str(data_dir / "data" / "eval"))["input_ids"]]
     prompts += [prompts[0][:5], prompts[1] + prompts[2][2:]]
-    settings = SamplingSettings(max_new_tokens=12)
+    settings = evaluation_settings(max_new_tokens=12)
     assert generate_batched(model, tok, prompts, 32, settings) == generate_batched(model, tok, prompts, 1, settings)
 
 
@@ -38,7 +38,7 @@ def test_evaluating_a_ptuning_checkpoint_equals_the_trained_model_in_memory(tiny
     options = TrainOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "run", pre_seq_len=8, lr=0.3,
                            batch_size=4, grad_accum=1, max_steps=10, logging_steps=5, save_steps=10)
     trained = run_training(options, get_backend("cpu"), "test").model
-    settings = SamplingSettings(max_new_tokens=16)
+    settings = evaluation_settings(max_new_tokens=16)
     in_memory = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "a", sampling=settings),
                          get_backend("cpu"), model=trained)
     from_disk = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "b", sampling=settings,
@@ -55,7 +55,7 @@ def test_evaluating_a_ptuning_checkpoint_equals_the_trained_model_in_memory(tiny
 
 def test_evaluate_reads_raw_files_too(tiny_dir, data_dir, tmp_path):
     results = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "dev.json", output=tmp_path / "raw",
-                                   sampling=SamplingSettings(max_new_tokens=4), limit=3), select_backend("cpu").backend)
+                                   sampling=evaluation_settings(max_new_tokens=4), limit=3), select_backend("cpu").backend)
     assert results["samples"] == 3
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from glm_portable.backends import get_backend
 from glm_portable.data import PreprocessOptions, preprocess
-from glm_portable.errors import TrainingStopped, UserError
+from glm_portable.errors import TrainingStopped
 from glm_portable.modeling import load_model, load_prefix, load_tokenizer
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.run_dir import read_metrics
