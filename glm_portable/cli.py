@@ -298,7 +298,7 @@ def chat_command(
 
 @app.command("demo")
 def demo_command(
-    output: Path = typer.Option(Path("glm-portable-demo"), help="Directory for everything the demo makes (replaced)."),
+    output: Path = typer.Option(Path("glm-portable-demo"), help="Directory for everything the demo makes (an earlier demo there is replaced)."),
     method: str = typer.Option("lora", help="lora or ptuning."),
     device: Optional[str] = DeviceOption,
     steps: int = typer.Option(200, help="Training steps."),

@@ -25,6 +25,7 @@ from glm_portable.training.run_dir import read_metrics
 from glm_portable.training.trainer import run_training
 
 TRAIN_ROWS, EVAL_ROWS = 600, 40
+MARKER = ".glm-portable-demo"
 # The tiny base is random: a prefix has little to steer, so each method gets a rate that moves it.
 DEMO_LR = {"lora": 1e-2, "ptuning": 3e-1}
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -43,15 +44,17 @@ class DemoReport:
     output: Path
 
 
-def run_demo(output: Path, method: str, selection: Selection, steps: int = 200, overwrite: bool = True,
+def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
              stage: Optional[Callable[[str], None]] = None) -> DemoReport:
+    """Run the demo in ``output``, replacing an earlier demo there but never any other directory."""
     if method not in DEMO_LR:
         raise UserError(f"--method {method!r}: expected one of {', '.join(DEMO_LR)}")
     if output.exists() and any(output.iterdir()):
-        if not (output / "demo.json").is_file() and not overwrite:
-            raise UserError(f"{output}: exists and is not a demo directory")
+        if not (output / MARKER).is_file():
+            raise UserError(f"{output}: exists and was not made by `glm-portable demo`; choose another --output")
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("made by glm-portable demo; the next demo run here replaces this directory\n")
     say = stage or (lambda _: None)
     started = time.perf_counter()
     backend = selection.backend

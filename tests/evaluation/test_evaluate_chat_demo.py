@@ -76,3 +76,13 @@ def test_demo_end_to_end_beats_the_untrained_model(tmp_path):
     assert report["after"]["bleu-4"] > report["before"]["bleu-4"] + 30
     assert report["after"]["rouge-l"] > report["before"]["rouge-l"] + 30
     assert "bleu-4" in out.stdout and (tmp_path / "demo" / "run" / "loss.png").is_file()
+
+
+def test_demo_never_replaces_a_directory_it_did_not_make(tmp_path):
+    from glm_portable.demo import run_demo
+    from glm_portable.errors import UserError
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="was not made by `glm-portable demo`"):
+        run_demo(tmp_path, "lora", select_backend("cpu"))
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
