@@ -21,7 +21,7 @@ from glm_portable import __version__
 from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
 from glm_portable.environment import library_versions
-from glm_portable.errors import TrainingStopped
+from glm_portable.errors import TrainingStopped, UserError
 from glm_portable.modeling import load_tokenizer, resolve_dtype
 
 from .deepspeed_config import build_deepspeed_config
@@ -174,9 +174,16 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     identity = run_identity(options)
     args = training_arguments(options, backend, dtype, world_size)
     args.device  # sets up the process group, which the choice of checkpoint is shared over
-    resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size) if rank == 0 else None
+    resume, refusal = None, None
+    if rank == 0:
+        try:
+            resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size)
+        except UserError as exc:
+            refusal = str(exc)
     if world_size > 1:
-        resume = _broadcast_resume(resume)
+        resume, refusal = _broadcast_decision(resume, refusal)
+    if refusal is not None:
+        raise UserError(refusal)
     options.output.mkdir(parents=True, exist_ok=True)
 
     backend.seed(options.seed)
@@ -239,12 +246,13 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _broadcast_resume(resume: Optional[Path]) -> Optional[Path]:
-    """Every rank resumes from the checkpoint rank 0 chose."""
+def _broadcast_decision(resume: Optional[Path], refusal: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
+    """Every rank resumes from the checkpoint rank 0 chose, or stops with rank 0's refusal (none waits alone)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return resume
-    box = [str(resume) if resume else None]
+        return resume, refusal
+    box = [(str(resume) if resume else None, refusal)]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] else None
+    path, refusal = box[0]
+    return (Path(path) if path else None), refusal
