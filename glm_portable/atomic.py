@@ -1,4 +1,4 @@
-"""Write a directory under a temporary name and rename it when complete.
+"""Write a file or a directory under a temporary name and rename it when complete.
 
 A crash, a kill or an exception never leaves something at the final path that looks finished.
 """
@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Iterator
 
 from glm_portable.errors import UserError
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a hidden sibling, then rename it over ``path``: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @contextmanager

@@ -229,7 +229,7 @@ def evaluate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from glm_portable.backends import select_backend
-    from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate
+    from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
 
     selection = select_backend(device)
     selection.backend.prepare_process()
@@ -241,7 +241,7 @@ def evaluate_command(
         task = bars.add_task("generating", total=None)
         results = evaluate(options, selection.backend, on_start=lambda n: bars.update(task, total=n),
                            on_batch=lambda n: bars.advance(task, n))
-    console.print(" ".join(f"{k} {results[k]:.2f}" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"))
+    console.print(" ".join(f"{k} {results[k]:.2f}" for k in METRIC_KEYS)
                   + f"  ({results['samples']} samples, {results['empty_predictions']} empty; "
                   f"{results['samples_per_second']} samples/s on {selection.backend.name})")
     console.print(f"wrote [bold]{output}[/]")
@@ -306,6 +306,7 @@ def demo_command(
     """The whole pipeline on a tiny model: build, preprocess, evaluate, fine-tune, evaluate again, report."""
     from glm_portable.backends import select_backend
     from glm_portable.demo import run_demo
+    from glm_portable.evaluation import METRIC_KEYS
 
     selection = select_backend(device)
     console.print(f"device: [bold]{selection.backend.name}[/] ({selection.reason})")
@@ -315,7 +316,7 @@ def demo_command(
     console.print(f"trained {report.method} for {report.steps} steps; loss "
                   + " → ".join(f"{loss:.2f}" for _, loss in losses[:: max(1, len(losses) // 6)] + losses[-1:]))
     table = Table("metric", "before", "after")
-    for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+    for key in METRIC_KEYS:
         table.add_row(key, f"{report.before[key]:.2f}", f"{report.after[key]:.2f}")
     console.print(table)
     example = (report.output / "eval-after" / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()[0]

@@ -18,7 +18,8 @@ from glm_portable.backends import Selection
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
 from glm_portable.errors import UserError
-from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate
+from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
+from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling.tiny import make_tiny_model
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.run_dir import read_metrics
@@ -84,9 +85,8 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
     report = DemoReport(backend.name, selection.reason, method, steps,
                         [(m["step"], m["loss"]) for m in read_metrics(output / "run")], before, after,
                         time.perf_counter() - started, output)
-    (output / "demo.json").write_text(json.dumps({
+    write_json_object(output / "demo.json", {
         "device": report.device, "method": method, "steps": steps, "losses": report.losses, "seconds": round(report.seconds, 1),
-        "before": {k: before[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
-        "after": {k: after[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")},
-    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        "before": {k: before[k] for k in METRIC_KEYS}, "after": {k: after[k] for k in METRIC_KEYS},
+    })
     return report

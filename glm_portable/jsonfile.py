@@ -1,4 +1,4 @@
-"""Read a JSON object from a file, turning every way that fails into one UserError naming the file and line."""
+"""JSON objects in files: read with one UserError naming file and line, written whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from glm_portable.atomic import write_text_atomic
 from glm_portable.errors import UserError
+
+
+def write_json_object(path: str | Path, data: dict[str, Any]) -> None:
+    """Indented UTF-8 JSON (Chinese stays readable), written atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

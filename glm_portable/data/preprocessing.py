@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import statistics
 import time
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 from glm_portable import __version__
 from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_tokenizer
 
 from .formats import FORMATS, Columns, Example, detect_format, to_example
@@ -239,7 +239,7 @@ def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> Pre
                 "label_tokens": label_tokens,
             }
         manifest["seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_object(tmp / MANIFEST, manifest)
     return PreprocessResult(manifest, reused=False, format_reason=reason)
 
 

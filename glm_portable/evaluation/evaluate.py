@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from glm_portable.atomic import write_text_atomic
 from glm_portable.backends import Backend
 from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
-from glm_portable.jsonfile import read_json_object
+from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
 from glm_portable.training.run_dir import complete_checkpoints
 
@@ -91,10 +91,8 @@ def write_outputs(output: Path, predictions: list[str], references: list[str], r
     """THUDM's generated_predictions.txt (one {"labels", "predict"} object a line) and the results JSON."""
     output.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for p, l in zip(predictions, references))
-    for name, text in ((PREDICTIONS, lines), (RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")):
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output / name)
+    write_text_atomic(output / PREDICTIONS, lines)
+    write_json_object(output / RESULTS, results)
 
 
 def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Module] = None,

@@ -7,14 +7,13 @@ serialisation is not used for the file because it drops generation fields (``use
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 
 from glm_portable.errors import UserError
-from glm_portable.jsonfile import read_json_object
+from glm_portable.jsonfile import read_json_object, write_json_object
 
 # Upstream chatglm2-6b defaults (REFERENCE §1); chatglm3-6b differs only in seq_length.
 UPSTREAM_DEFAULTS: dict[str, Any] = {
@@ -108,9 +107,7 @@ class ChatGLMConfig(PretrainedConfig):
         return data
 
     def save(self, directory: Path, dtype: str | None = None) -> None:
-        (Path(directory) / "config.json").write_text(
-            json.dumps(self.upstream_dict(dtype), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        write_json_object(Path(directory) / "config.json", self.upstream_dict(dtype))
 
 
 def load_config(model_dir: str | Path) -> ChatGLMConfig:

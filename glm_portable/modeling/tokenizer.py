@@ -8,7 +8,6 @@ SentencePiece plus a handful of ids. It saves and loads with the model directory
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,7 +16,7 @@ import sentencepiece as spm
 import torch
 
 from glm_portable.errors import UserError
-from glm_portable.jsonfile import read_json_object
+from glm_portable.jsonfile import read_json_object, write_json_object
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -155,7 +154,7 @@ class ChatGLMTokenizer:
             shutil.copyfile(self.model_file, directory / TOKENIZER_FILE)
         config = {"tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "do_lower_case": False,
                   "padding_side": "left", **self.config, FAMILY_KEY: self.family}
-        (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_object(directory / TOKENIZER_CONFIG, config)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, family: str | None = None) -> "ChatGLMTokenizer":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -75,12 +74,6 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: Optional[st
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     return checkpoint
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

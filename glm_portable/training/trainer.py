@@ -22,13 +22,14 @@ from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
 from glm_portable.environment import library_versions
 from glm_portable.errors import TrainingStopped, UserError
+from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_tokenizer, resolve_dtype
 
 from .deepspeed_config import build_deepspeed_config
 from .methods import build_model, load_trained, save_trained
 from .options import TrainOptions
 from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkpoints, mark_complete, plot_loss,
-                      prepare_run_dir, truncate_metrics, write_json_atomic)
+                      prepare_run_dir, truncate_metrics)
 
 THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
 
@@ -54,6 +55,8 @@ class GlmTrainer(Trainer):
         self.nonfinite: Optional[tuple[int, float]] = None
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if not self.args.should_save:
+            return  # under DeepSpeed every rank gets here; one writer per checkpoint
         save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir),
                      state_dict if self.method == "full" else None)
 
@@ -198,7 +201,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     if rank == 0:
         if resume is not None:
             truncate_metrics(options.output, int(resume.name.rsplit("-", 1)[-1]))
-        write_json_atomic(options.output / RUN_JSON, {
+        write_json_object(options.output / RUN_JSON, {
             "glm_portable_version": __version__, "identity": identity, "options": options.as_dict(),
             "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
                         "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
@@ -217,15 +220,15 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     if not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
         trainer._save_checkpoint(trainer.model, None)
     metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
-    metrics["peak_memory_bytes_per_rank"] = _gather(backend.memory_stats(local_rank).peak_allocated, world_size)
+    metrics["peak_memory_bytes_per_rank"] = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
     if rank == 0:
-        write_json_atomic(options.output / RESULTS, metrics)
+        write_json_object(options.output / RESULTS, metrics)
         plot_loss(options.output)
-    _leave_process_group()
+    leave_process_group()
     return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
 
 
-def _gather(value: Any, world_size: int) -> list[Any]:
+def gather_from_ranks(value: Any, world_size: int) -> list[Any]:
     """``value`` from every rank, in rank order (CPU peak memory is per process, so each rank reports)."""
     import torch.distributed as dist
 
@@ -236,7 +239,7 @@ def _gather(value: Any, world_size: int) -> list[Any]:
     return values
 
 
-def _leave_process_group() -> None:
+def leave_process_group() -> None:
     """Tear the group down while every rank is still alive; DeepSpeed's communicator aborts a process
     that exits with the group open."""
     import torch.distributed as dist
