@@ -325,6 +325,73 @@ def demo_command(
                   "metrics.jsonl, loss.png), eval-before/, eval-after/ (generated_predictions.txt, eval_results.json)")
 
 
+@app.command("bench")
+def bench_command(
+    shape: str = typer.Option(..., help="tiny, 1b, chatglm2-6b, chatglm3-6b (random weights, no download) or a model directory."),
+    out: Path = typer.Option(..., help="The record to write (JSON)."),
+    method: str = typer.Option("ptuning", help="ptuning, lora, or full (DeepSpeed ZeRO-2)."),
+    device: Optional[str] = DeviceOption,
+    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: the backend's)."),
+    steps: int = typer.Option(20, help="Measured optimizer steps."),
+    warmup: int = typer.Option(3, help="Steps run first and not timed (their losses are kept)."),
+    batch_size: int = typer.Option(4, help="Per-device batch size."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    source_length: int = typer.Option(64, help="Prompt tokens per sample (THUDM: 64)."),
+    target_length: int = typer.Option(128, help="Answer tokens per sample (THUDM: 128)."),
+    pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
+    lora_rank: int = typer.Option(8, help="LoRA rank."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: ptuning 2e-2, lora 2e-4, full 1e-5)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations to save memory."),
+    nproc: int = typer.Option(1, help="Processes (cards) on this node."),
+    master_port: int = typer.Option(29500),
+    seed: int = typer.Option(42, help="Seeds the weights, the synthetic data and the run."),
+    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (default: the backend's table)."),
+    name: Optional[str] = typer.Option(None, help="The record's name in comparisons (default: backend-dtype-Nx)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Measure a standard fine-tuning workload: samples/s, tokens/s, step times, MFU, peak memory, losses."""
+    from glm_portable.backends import select_backend
+    from glm_portable.bench.runner import bench
+    from glm_portable.bench.workload import Workload
+
+    workload = Workload(shape=shape, method=method, batch_size=batch_size, grad_accum=grad_accum,
+                        source_length=source_length, target_length=target_length, pre_seq_len=pre_seq_len,
+                        lora_rank=lora_rank, lr=lr, steps=steps, warmup=warmup, seed=seed,
+                        gradient_checkpointing=gradient_checkpointing)
+    workload.validate()
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    selection = select_backend(device)
+    record = bench(workload, selection.backend, dtype, out, name, peak_tflops, nproc, master_port, overwrite,
+                   sys.argv[1:])
+    if record is None:
+        return
+    res = record["results"]
+    mfu = f"{res['mfu'] * 100:.1f} %" if res["mfu"] is not None else "unknown (no peak for this device: --peak-tflops)"
+    console.print(f"{record['name']}: {res['samples_per_s']:.2f} samples/s, {res['tokens_per_s']:.0f} tokens/s, "
+                  f"step p50 {res['step_time_s']['p50'] * 1000:.1f} ms p90 {res['step_time_s']['p90'] * 1000:.1f} ms, "
+                  f"MFU {mfu}, peak memory {max(res['peak_memory_bytes']) / 2**30:.2f} GiB")
+    console.print(f"wrote [bold]{out}[/]")
+
+
+@app.command("compare")
+def compare_command(
+    records: list[Path] = typer.Argument(..., help="Bench records; the first is the baseline."),
+    out: Path = typer.Option(..., help="Directory for report.md, compare.json and the plots."),
+    force: bool = typer.Option(False, help="Compare records whose workloads differ (marked in the report)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it holds files."),
+) -> None:
+    """Compare bench records: throughput table, loss curves, and the loss-alignment verdict (mean error < 2 %)."""
+    from glm_portable.bench.compare import REPORT, compare
+
+    summary = compare(records, out, force, overwrite)
+    console.print(escape((out / REPORT).read_text(encoding="utf-8").split("## Records")[0]), highlight=False)
+    console.print(f"wrote [bold]{out}[/]")
+    for entry in summary["alignment"]:
+        if not entry["passed"]:
+            err_console.print(f"[yellow]{entry['name']} does not align with {summary['baseline']}[/]")
+
+
 def config_defaults(argv: list[str]) -> dict[str, dict]:
     """``--config FILE.yaml`` anywhere on the line: its keys become the command's defaults, so flags win.
 

@@ -1,4 +1,5 @@
-"""Forward+backward throughput of the native model: a tiny directory or a 6B shape with random weights.
+"""Bare forward+backward+AdamW throughput of the native model (no Trainer), to separate model speed
+from the training loop that `glm-portable bench` measures.
 
     python scripts/bench_model_step.py --model DIR --batch-size 4 --seq-len 193
     python scripts/bench_model_step.py --shape chatglm2-6b --pre-seq-len 128 --batch-size 16 --seq-len 193 --dtype bfloat16
@@ -16,27 +17,19 @@ import time
 import torch
 
 from glm_portable.backends import select_backend
-from glm_portable.modeling import ChatGLMConfig, ChatGLMForConditionalGeneration, load_model, resolve_dtype
-
-SHAPES = {"chatglm2-6b": {}, "chatglm3-6b": {"seq_length": 8192}}
-
+from glm_portable.bench.workload import SHAPE_NAMES, Workload
+from glm_portable.modeling import load_model, random_model, resolve_dtype
 
 def build(args, backend, dtype):
     if args.model:
         return load_model(args.model, dtype=dtype, device=backend, pre_seq_len=args.pre_seq_len)
-    config = ChatGLMConfig(pre_seq_len=args.pre_seq_len, **SHAPES[args.shape])
-    with backend.device(0):
-        model = ChatGLMForConditionalGeneration(config).to(dtype)
-    if args.pre_seq_len:
-        model.transformer.prefix_encoder.float()
-    model.set_kernels(backend.kernels(dtype))
-    return model
+    return random_model(Workload(shape=args.shape).config(), dtype=dtype, device=backend, pre_seq_len=args.pre_seq_len)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (e.g. from make-tiny-model)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights in this shape instead of --model")
+    parser.add_argument("--shape", choices=SHAPE_NAMES, help="random weights in this shape instead of --model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--pre-seq-len", type=int, default=None)

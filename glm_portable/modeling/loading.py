@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from glm_portable.backends import Backend, select_backend
 from glm_portable.errors import UserError
 
 from .checkpoint import iter_state_dict, load_weights, write_weights
-from .config import load_config
+from .config import ChatGLMConfig, load_config
 from .model import ChatGLMForConditionalGeneration
 from .prefix import PREFIX_KEY
 from .tokenizer import ChatGLMTokenizer
@@ -58,7 +59,43 @@ def load_model(
     """
     backend = _backend(device)
     dtype = resolve_dtype(dtype, backend)
-    config = load_config(path)
+    model = _empty_model(load_config(path), backend, dtype, local_rank, pre_seq_len, prefix_projection)
+    uninitialised = load_weights(model, path, optional_prefixes=(PREFIX_KEY, "transformer.rotary_pos_emb."))
+    if any(k.startswith("transformer.rotary_pos_emb.") for k in uninitialised):
+        model.transformer.rotary_pos_emb.reset_inv_freq()
+    if model.config.pre_seq_len and any(k.startswith(PREFIX_KEY) for k in uninitialised):
+        model.transformer.prefix_encoder.reset_parameters()
+    return model.eval()
+
+
+def random_model(
+    config: ChatGLMConfig,
+    dtype: str | torch.dtype | None = None,
+    device: str | Backend | None = None,
+    pre_seq_len: Optional[int] = None,
+    prefix_projection: bool = False,
+    local_rank: int = 0,
+) -> ChatGLMForConditionalGeneration:
+    """A model of ``config``'s shape with random weights (normal 0.02), made directly on the device.
+
+    Benchmarks measure a 6B shape this way without downloading or writing 12 GB of weights; the
+    compute is the same as with real weights. Seed first for reproducible weights.
+    """
+    backend = _backend(device)
+    dtype = resolve_dtype(dtype, backend)
+    model = _empty_model(copy.deepcopy(config), backend, dtype, local_rank, pre_seq_len, prefix_projection)
+    with torch.no_grad():
+        model.apply(model._init_weights)
+        model.transformer.rotary_pos_emb.reset_inv_freq()
+        if model.config.pre_seq_len:
+            model.transformer.prefix_encoder.reset_parameters()
+    return model.eval()
+
+
+def _empty_model(config: ChatGLMConfig, backend: Backend, dtype: torch.dtype, local_rank: int,
+                 pre_seq_len: Optional[int], prefix_projection: bool) -> ChatGLMForConditionalGeneration:
+    """Storage on the device without initialising it (meta build, then ``to_empty``); the prefix
+    encoder in fp32, since it is what P-Tuning trains; the backend's kernels."""
     if pre_seq_len is not None:
         if pre_seq_len <= 0:
             raise UserError(f"pre_seq_len must be a positive integer, got {pre_seq_len}")
@@ -67,16 +104,10 @@ def load_model(
         model = ChatGLMForConditionalGeneration(config)
     model.to_empty(device=backend.device(local_rank))
     model.to(dtype)
-    uninitialised = load_weights(model, path, optional_prefixes=(PREFIX_KEY, "transformer.rotary_pos_emb."))
-    if any(k.startswith("transformer.rotary_pos_emb.") for k in uninitialised):
-        model.transformer.rotary_pos_emb.reset_inv_freq()
     if config.pre_seq_len:
-        encoder = model.transformer.prefix_encoder
-        encoder.float()
-        if any(k.startswith(PREFIX_KEY) for k in uninitialised):
-            encoder.reset_parameters()
+        model.transformer.prefix_encoder.float()
     model.set_kernels(backend.kernels(dtype))
-    return model.eval()
+    return model
 
 
 def save_model(

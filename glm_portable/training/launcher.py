@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from glm_portable.backends import DEVICE_ENV, Backend, BackendUnavailable, get_backend, select_backend
 from glm_portable.data import check_compatible, template_for
-from glm_portable.modeling import ChatGLMForConditionalGeneration, load_config, load_tokenizer, resolve_dtype
+from glm_portable.modeling import ChatGLMConfig, ChatGLMForConditionalGeneration, load_config, load_tokenizer, resolve_dtype
 
 from .deepspeed_config import build_deepspeed_config
 from .options import TrainOptions
@@ -63,9 +64,10 @@ def launch(options: TrainOptions, backend: Backend, argv: list[str]) -> int:
     return subprocess.call(launcher_command(options, child_argv(argv)), env=env)
 
 
-def trainable_parameters(options: TrainOptions) -> tuple[int, int]:
-    """(trainable, total) parameter counts, from the config alone (meta tensors, no weights read)."""
-    config = load_config(options.model)
+def trainable_parameters(options: TrainOptions, shape: ChatGLMConfig | None = None) -> tuple[int, int]:
+    """(trainable, total) parameter counts, from the config alone (meta tensors, no weights read):
+    ``options.model``'s, or ``shape`` for a benchmark's random-weight model."""
+    config = copy.deepcopy(shape) if shape is not None else load_config(options.model)
     if options.method == "ptuning":
         config.pre_seq_len, config.prefix_projection = options.pre_seq_len, options.prefix_projection
     with torch.device("meta"):

@@ -9,7 +9,7 @@ import torch
 
 from glm_portable.backends import Backend
 from glm_portable.errors import UserError
-from glm_portable.modeling import load_model, load_prefix
+from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
 from glm_portable.modeling.checkpoint import load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY
 
@@ -18,23 +18,28 @@ from .options import TrainOptions
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, local_rank: int = 0) -> torch.nn.Module:
+def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, local_rank: int = 0,
+                shape: Optional[ChatGLMConfig] = None) -> torch.nn.Module:
     """The model with only the method's parameters trainable (fp32), the base frozen in ``dtype``.
 
     Full fine-tuning loads fp32 master weights; DeepSpeed runs them in ``dtype`` (its bf16 / fp16 config).
+    With ``shape`` the base gets random weights of that shape instead of ``options.model``'s (benchmarks).
     """
+    def base(dtype: torch.dtype, **prefix) -> torch.nn.Module:
+        if shape is not None:
+            return random_model(shape, dtype=dtype, device=backend, local_rank=local_rank, **prefix)
+        return load_model(options.model, dtype=dtype, device=backend, local_rank=local_rank, **prefix)
+
     if options.method == "ptuning":
-        return load_model(options.model, dtype=dtype, device=backend, pre_seq_len=options.pre_seq_len,
-                          prefix_projection=options.prefix_projection, local_rank=local_rank)
+        return base(dtype, pre_seq_len=options.pre_seq_len, prefix_projection=options.prefix_projection)
     if options.method == "full":
-        return load_model(options.model, dtype=torch.float32, device=backend, local_rank=local_rank)
+        return base(torch.float32)
     from peft import LoraConfig, get_peft_model
 
-    base = load_model(options.model, dtype=dtype, device=backend, local_rank=local_rank)
     config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=list(options.lora_target), task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(base, config)
+        model = get_peft_model(base(dtype), config)
     except ValueError as exc:
         raise UserError(f"--lora-target {','.join(options.lora_target)}: {exc}") from None
     for param in model.parameters():

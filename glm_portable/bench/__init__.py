@@ -1,0 +1,1 @@
+"""Performance records (`bench`) and their comparison with loss alignment (`compare`)."""

@@ -1,0 +1,169 @@
+"""One benchmark process: the training path users run (same Trainer, methods, DeepSpeed config), on
+synthetic data, with every step timed and its loss kept.
+
+Timing the real trainer rather than a bare forward/backward loop means the figures include what a
+user pays for: the optimizer, gradient clipping, the collator and the DDP / ZeRO communication.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from glm_portable.backends import Backend
+from glm_portable.data import TrainCollator
+from glm_portable.modeling import ChatGLMConfig, resolve_dtype
+from glm_portable.errors import TrainingStopped, UserError
+from glm_portable.jsonfile import read_json_object, write_json_object
+from glm_portable.training.launcher import is_launched_child, launch, trainable_parameters
+from glm_portable.training.methods import build_model
+from glm_portable.training.options import TrainOptions
+from glm_portable.training.trainer import GlmTrainer, gather_from_ranks, leave_process_group, training_arguments, world
+
+from .flops import mfu, training_flops_per_token
+from .record import build_record
+from .workload import Workload, synthetic_rows
+
+
+@dataclass
+class StepLog:
+    """Per optimizer step: wall time (the device synchronised at each end), loss and gradient norm."""
+
+    times: list[float] = field(default_factory=list)
+    losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, backend: Backend, log: StepLog) -> None:
+        self.backend = backend
+        self.log = log
+        self.last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.backend.synchronize()
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.backend.synchronize()
+        now = time.perf_counter()
+        self.log.times.append(now - self.last)
+        self.last = now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.log.losses[state.global_step] = float(logs["loss"])
+            if logs.get("grad_norm") is not None:
+                self.log.grad_norms[state.global_step] = float(logs["grad_norm"])
+
+
+def train_options(workload: Workload, device: Optional[str], dtype: Optional[str], output: Path,
+                  nproc: int = 1, master_port: int = 29500) -> TrainOptions:
+    """The training options the workload amounts to: every step logged, no checkpoint written."""
+    return TrainOptions(
+        model=Path(workload.shape), data=Path("."), output=output, method=workload.method, device=device, dtype=dtype,
+        pre_seq_len=workload.pre_seq_len, lora_rank=workload.lora_rank, lora_dropout=0.0,
+        deepspeed="zero2" if workload.method == "full" else None, lr=workload.learning_rate,
+        batch_size=workload.batch_size, grad_accum=workload.grad_accum, max_steps=workload.total_steps,
+        logging_steps=1, save_steps=workload.total_steps + 1, seed=workload.seed, padding="fixed",
+        gradient_checkpointing=workload.gradient_checkpointing, nproc=nproc, master_port=master_port,
+    )
+
+
+def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
+              peak_tflops: Optional[float]) -> Optional[dict[str, Any]]:
+    """Run the workload in this process (one rank, or alone); rank 0 returns the measurements."""
+    rank, local_rank, world_size = world()
+    backend.prepare_process()
+    if backend.name != "cpu":
+        backend.set_device(local_rank)
+        backend.reset_peak_memory(local_rank)
+    dtype = resolve_dtype(dtype_name, backend)
+    shape = workload.config()
+    with tempfile.TemporaryDirectory(prefix="glm-portable-bench-") as scratch:
+        options = train_options(workload, backend.name, dtype_name, Path(scratch))
+        args = training_arguments(options, backend, dtype, world_size)
+        backend.seed(workload.seed)
+        model = build_model(options, backend, dtype, local_rank, shape=None if Path(workload.shape).is_dir() else shape)
+        data = Dataset.from_dict(synthetic_rows(workload, shape.padded_vocab_size))
+        log = StepLog()
+        trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=workload.method,
+                             data_collator=TrainCollator(0, "fixed", workload.seq_length),
+                             callbacks=[StepTimer(backend, log)])
+        trainer.train()
+    peaks = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
+    leave_process_group()
+    if rank != 0:
+        return None
+    trainable, total = trainable_parameters(options, shape)
+    return _results(workload, backend, dtype, log, peaks, trainable, total, shape, peak_tflops)
+
+
+def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: StepLog, peaks: list[int],
+             trainable: int, total: int, shape: ChatGLMConfig, peak_tflops: Optional[float]) -> dict[str, Any]:
+    measured = log.times[workload.warmup:]
+    seconds = sum(measured)
+    samples = len(measured) * workload.batch_size * workload.grad_accum * workload.world_size
+    tokens = samples * workload.seq_length
+    adapters = trainable if workload.method == "lora" else 0
+    prefix = workload.pre_seq_len if workload.method == "ptuning" else 0
+    per_token = training_flops_per_token(shape, workload.method, workload.seq_length, prefix, adapters)
+    device_name = (backend.device_names() or [""])[0]
+    peak = backend.peak_tflops(dtype, device_name, peak_tflops)
+    tokens_per_device = tokens / seconds / workload.world_size
+    quantiles = statistics.quantiles(measured, n=10, method="inclusive") if len(measured) > 1 else measured * 9
+    return {
+        "device": {"backend": backend.name, "name": device_name, "count": workload.world_size},
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": {"total": total, "trainable": trainable},
+        "results": {
+            "samples_per_s": round(samples / seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 2),
+            "tokens_per_s_per_device": round(tokens_per_device, 2),
+            "step_time_s": {"p50": round(statistics.median(measured), 6), "p90": round(quantiles[8], 6),
+                            "mean": round(seconds / len(measured), 6)},
+            "measured_steps": len(measured),
+            "flops_per_token": per_token,
+            "peak_tflops": peak,
+            "mfu": None if peak is None else round(mfu(per_token, tokens_per_device, peak), 6),
+            "peak_memory_bytes": peaks,
+            "losses": [log.losses.get(step) for step in range(1, workload.total_steps + 1)],
+            "grad_norms": [log.grad_norms.get(step) for step in range(1, workload.total_steps + 1)],
+        },
+    }
+
+
+def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: Path, name: Optional[str],
+          peak_tflops: Optional[float], nproc: int, master_port: int, overwrite: bool, argv: list[str]) -> Optional[dict]:
+    """Measure the workload and write the record to ``out``: in this process, or, for several processes
+    and DeepSpeed, in ``nproc`` launched copies of this command whose rank 0 writes it.
+
+    Returns the record, or None in launched ranks other than 0.
+    """
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists (use --overwrite to replace it)")
+    if workload.method == "full" and backend.name == "cpu" and resolve_dtype(dtype_name, backend) != torch.float32:
+        raise UserError(f"--dtype {dtype_name} with --method full on the CPU: DeepSpeed trains in float32 there, "
+                        "so the record would misstate its dtype; use --dtype float32 or a ptuning / lora workload")
+    workload.world_size = nproc
+    if (nproc > 1 or workload.method == "full") and not is_launched_child():
+        code = launch(train_options(workload, backend.name, dtype_name, out, nproc, master_port), backend, argv)
+        if code != 0:
+            raise TrainingStopped(f"the benchmark processes failed (exit code {code}); see their output above")
+        return read_json_object(out)
+    workload.world_size = world()[2]
+    measured = run_bench(workload, backend, dtype_name, peak_tflops)
+    if measured is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = build_record(name, workload, measured, patches=[])
+    write_json_object(out, record)
+    return record
