@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from glm_portable.errors import GlmPortableError, UserError
 
@@ -33,6 +33,10 @@ def _root() -> None:
 DeviceOption = typer.Option(
     None, "--device", help="auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
 )
+
+
+ImplOption = typer.Option("native", "--impl", help="native (glm-portable's model) or remote (the model directory's own "
+                          "modeling_chatglm.py, patched for this transformers and device).")
 
 
 @app.command("env")
@@ -112,7 +116,13 @@ def preprocess_command(
     skip_bad_rows: bool = typer.Option(False, help="Skip malformed rows (counted and listed in the manifest) instead of failing."),
 ) -> None:
     """Tokenize a dataset once into Arrow shards that every backend trains from."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from glm_portable.data import Columns, PreprocessOptions, preprocess
 
@@ -153,6 +163,7 @@ def train_command(
     data: Path = typer.Option(..., help="Directory written by `glm-portable preprocess` for this model."),
     output: Path = typer.Option(..., help="Run directory (checkpoints, metrics.jsonl, run.json, loss.png)."),
     method: str = typer.Option("ptuning", help="ptuning (P-Tuning v2), lora, or full (with --deepspeed)."),
+    impl: str = ImplOption,
     deepspeed: Optional[str] = typer.Option(None, help="zero2 or zero3: DeepSpeed ZeRO for --method full."),
     deepspeed_config: Optional[Path] = typer.Option(None, help="A DeepSpeed JSON merged over the generated config."),
     offload: bool = typer.Option(False, help="ZeRO optimizer state offloaded to CPU memory."),
@@ -180,13 +191,18 @@ def train_command(
 ) -> None:
     """Fine-tune with P-Tuning v2 or LoRA on one card or many (same command on CPU, GPU and NPU)."""
     from glm_portable.backends import select_backend
-    from glm_portable.training.launcher import dry_run_plan, is_launched_child, launch, plan
+    from glm_portable.training.launcher import (
+        dry_run_plan,
+        is_launched_child,
+        launch,
+        plan,
+    )
     from glm_portable.training.options import TrainOptions
     from glm_portable.training.run_dir import resolve_resume
     from glm_portable.training.trainer import run_identity, run_training
 
     options = TrainOptions(
-        model=model, data=data, output=output, method=method, deepspeed=deepspeed, deepspeed_config=deepspeed_config,
+        model=model, data=data, output=output, method=method, impl=impl, deepspeed=deepspeed, deepspeed_config=deepspeed_config,
         offload=offload, device=device, dtype=dtype, pre_seq_len=pre_seq_len,
         prefix_projection=prefix_projection, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target=[t.strip() for t in lora_target.split(",") if t.strip()], lr=lr, batch_size=batch_size,
@@ -224,18 +240,32 @@ def evaluate_command(
     top_p: float = typer.Option(0.7), temperature: float = typer.Option(0.95), seed: int = typer.Option(42),
     max_source_length: int = typer.Option(64, help="Prompt length for raw files."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N rows only."),
+    impl: str = ImplOption,
 ) -> None:
     """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from glm_portable.backends import select_backend
-    from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
+    from glm_portable.evaluation import (
+        METRIC_KEYS,
+        EvalOptions,
+        evaluate,
+        evaluation_settings,
+    )
+    from glm_portable.modeling.remote import check_impl
 
+    check_impl(impl)
     selection = select_backend(device)
-    selection.backend.prepare_process()
+    _start_process(selection.backend)
     options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
                           sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
-                          max_source_length=max_source_length, limit=limit)
+                          max_source_length=max_source_length, limit=limit, impl=impl)
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:
         task = bars.add_task("generating", total=None)
@@ -257,25 +287,42 @@ def chat_command(
     max_new_tokens: int = typer.Option(256),
     greedy: bool = typer.Option(False, help="Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8)."),
     top_p: float = typer.Option(0.8), temperature: float = typer.Option(0.8),
+    impl: str = ImplOption,
 ) -> None:
     """Chat in the terminal (streaming, history, /clear, /exit), or answer one --query for scripts."""
     from glm_portable.backends import select_backend
     from glm_portable.evaluation import load_for_inference
     from glm_portable.modeling import GenerationSettings, load_tokenizer, stream_chat
+    from glm_portable.modeling.remote import check_impl, load_remote_tokenizer
 
+    check_impl(impl)
     selection = select_backend(device)
-    selection.backend.prepare_process()
-    tokenizer = load_tokenizer(model)
-    loaded = load_for_inference(model, checkpoint, selection.backend, dtype)
+    _start_process(selection.backend)
+    loaded = load_for_inference(model, checkpoint, selection.backend, dtype, impl)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
+    if impl == "remote":
+        tokenizer = load_remote_tokenizer(model, selection.backend)
+        family = type(tokenizer).__name__
+
+        def turns(text: str, history: list):
+            """The directory's own stream_chat, as its README runs it."""
+            yield from loaded.stream_chat(tokenizer, text, history, max_new_tokens=max_new_tokens,
+                                          do_sample=not greedy, top_p=top_p, temperature=temperature)
+    else:
+        tokenizer = load_tokenizer(model)
+        family = tokenizer.family
+
+        def turns(text: str, history: list):
+            yield from stream_chat(loaded, tokenizer, text, history, settings)
+
     if query is not None:
         answer = ""
-        for answer, _ in stream_chat(loaded, tokenizer, query, settings=settings):
+        for answer, _ in turns(query, []):
             pass
         print(answer)
         return
-    console.print(f"{tokenizer.family} on {selection.backend.name}. Type /clear to forget the conversation, /exit to leave.")
-    history: list[dict] = []
+    console.print(f"{family} ({impl}) on {selection.backend.name}. Type /clear to forget the conversation, /exit to leave.")
+    history: list = []
     while True:
         try:
             text = console.input("[bold]you>[/] ").strip()
@@ -290,7 +337,7 @@ def chat_command(
         if not text:
             continue
         shown = ""
-        for answer, updated in stream_chat(loaded, tokenizer, text, history, settings):
+        for answer, updated in turns(text, history):
             print(answer[len(shown):] if answer.startswith(shown) else "\n" + answer, end="", flush=True)
             shown, history = answer, updated
         print()
@@ -390,6 +437,79 @@ def compare_command(
     for entry in summary["alignment"]:
         if not entry["passed"]:
             err_console.print(f"[yellow]{entry['name']} does not align with {summary['baseline']}[/]")
+
+
+@app.command("patches")
+def patches_command(
+    model: Optional[Path] = typer.Option(None, help="A model directory whose own code (auto_map) is checked too."),
+    device: Optional[str] = DeviceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Every patch for the installed stack: needed?, applied?, why (library ones, and a model directory's code)."""
+    from glm_portable.patches import Context, patch_table
+
+    backend, note = _backend_for_planning(device)
+    ctx = Context.current(backend.name, backend.kernels(None))
+    _start_process(backend)
+    report = _import_remote_code(model, ctx) if model is not None else None
+    rows = patch_table(ctx, report, model)
+    if as_json:
+        print(json.dumps({"device": backend.name, "note": note, "versions": ctx.versions, "patches": rows},
+                         indent=2, ensure_ascii=False))
+        return
+    console.print(f"device: [bold]{backend.name}[/] ({note}); transformers {ctx.versions['transformers']}, "
+                  f"deepspeed {ctx.versions['deepspeed']}, torch {ctx.versions['torch']}")
+    table = Table("kind", "needed", "applied", "why")
+    table.columns.insert(0, Column("patch", no_wrap=True))
+    marks = {True: "[green]yes[/]", False: "no", None: "-"}
+    for row in rows:
+        table.add_row(row["name"], row["kind"], marks[row["needed"]], marks[row["applied"]], escape(row["why"]))
+    console.print(table)
+
+
+def _backend_for_planning(device: Optional[str]):
+    """The selected backend, or the named one even where it is absent (to see what it would need)."""
+    from glm_portable.backends import (
+        DEVICE_ENV,
+        BackendUnavailable,
+        get_backend,
+        select_backend,
+    )
+
+    try:
+        selection = select_backend(device)
+        return selection.backend, selection.reason
+    except BackendUnavailable as exc:
+        name = (device or os.environ.get(DEVICE_ENV, "")).strip().lower()
+        return get_backend(name), f"not available here, decisions for {name}: {str(exc).splitlines()[0]}"
+
+
+def _import_remote_code(model: Path, ctx):
+    """Import the directory's own classes (no weights) under the patch hook; the hook's decisions."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from glm_portable.jsonfile import read_json_object
+    from glm_portable.modeling.remote import check_remote_dir
+    from glm_portable.patches import remote_code_patched
+
+    auto_map = dict(check_remote_dir(model)["auto_map"])
+    tokenizer_file = model / "tokenizer_config.json"
+    if tokenizer_file.is_file():
+        classes = read_json_object(tokenizer_file).get("auto_map", {}).get("AutoTokenizer") or []
+        auto_map["AutoTokenizer"] = next((c for c in classes if c), None)
+    with remote_code_patched(ctx) as report:
+        for reference in auto_map.values():
+            if isinstance(reference, str):
+                get_class_from_dynamic_module(reference, str(model))
+    return report
+
+
+def _start_process(backend) -> list[str]:
+    """Per-process setup before model work: the backend's, then the library patches the stack needs."""
+    from glm_portable.patches import Context, apply_library_patches
+
+    backend.prepare_process()
+    return apply_library_patches(Context.current(backend.name))
 
 
 def config_defaults(argv: list[str]) -> dict[str, dict]:

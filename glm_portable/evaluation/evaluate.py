@@ -16,7 +16,14 @@ from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
-from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
+from glm_portable.modeling import (
+    GenerationSettings,
+    load_model,
+    load_prefix,
+    load_tokenizer,
+)
+from glm_portable.modeling.remote import load_remote
+from glm_portable.patches import APPLIED
 from glm_portable.training.run_dir import complete_checkpoints
 
 from .generation import evaluation_settings, generate_batched
@@ -37,6 +44,7 @@ class EvalOptions:
     dtype: Optional[str] = None
     max_source_length: int = 64
     limit: Optional[int] = None
+    impl: str = "native"
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -52,26 +60,31 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Backend,
-                       dtype: Optional[str | torch.dtype]) -> torch.nn.Module:
+                       dtype: Optional[str | torch.dtype], impl: str = "native") -> torch.nn.Module:
     """The base model plus what the checkpoint trained: a LoRA adapter, a P-Tuning prefix, or full weights.
 
     A checkpoint whose config sets pre_seq_len is a prefix checkpoint (ours and THUDM's alike); one
     with an adapter_config.json is a LoRA adapter; anything else is a whole model directory.
+    ``impl`` "remote" runs the directory's own model code (patched) instead of the native one.
     """
+    def base(path: Path = model_dir, **prefix) -> torch.nn.Module:
+        if impl == "remote":
+            return load_remote(path, backend, dtype, **prefix).model
+        return load_model(path, dtype=dtype, device=backend, **prefix)
+
     if checkpoint is None:
-        return load_model(model_dir, dtype=dtype, device=backend)
+        return base()
     checkpoint = resolve_checkpoint(checkpoint)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(model_dir, dtype=dtype, device=backend), str(checkpoint)).eval()
+        return PeftModel.from_pretrained(base(), str(checkpoint)).eval()
     config = read_json_object(checkpoint / "config.json") if (checkpoint / "config.json").is_file() else {}
     if config.get("pre_seq_len"):
-        model = load_model(model_dir, dtype=dtype, device=backend, pre_seq_len=config["pre_seq_len"],
-                           prefix_projection=bool(config.get("prefix_projection")))
+        model = base(pre_seq_len=config["pre_seq_len"], prefix_projection=bool(config.get("prefix_projection")))
         load_prefix(model, checkpoint)
         return model.eval()
-    return load_model(checkpoint, dtype=dtype, device=backend)
+    return base(checkpoint)
 
 
 def evaluation_rows(options: EvalOptions, tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -104,7 +117,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     tokenizer = load_tokenizer(options.model)
     prompts, references = evaluation_rows(options, tokenizer)
     if model is None:
-        model = load_for_inference(options.model, options.checkpoint, backend, options.dtype)
+        model = load_for_inference(options.model, options.checkpoint, backend, options.dtype, options.impl)
     model.eval()
     if on_start:
         on_start(len(prompts))
@@ -114,7 +127,8 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     results = {**score(predictions, references).summary(),
                "generation_seconds": round(seconds, 3), "samples_per_second": round(len(prompts) / seconds, 3),
                "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
-                            "data": str(options.data), "device": backend.name, "batch_size": options.batch_size,
+                            "data": str(options.data), "device": backend.name, "impl": options.impl,
+                            "batch_size": options.batch_size, "patches": list(APPLIED.names),
                             **asdict(options.sampling)}}
     write_outputs(options.output, predictions, references, results)
     return results

@@ -29,7 +29,7 @@ def generate_batched(
     Prompts are grouped by length so that batches carry little padding; left padding with position
     ids makes every row's result independent of its batch mates (greedy output equals batch size 1).
     """
-    device = model.get_input_embeddings().weight.device
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)

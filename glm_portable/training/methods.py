@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-
 from glm_portable.backends import Backend
+
 from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
 from glm_portable.modeling.checkpoint import load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY
+from glm_portable.modeling.remote import load_remote
 
 from .options import TrainOptions
 
@@ -26,6 +27,8 @@ def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, loc
     With ``shape`` the base gets random weights of that shape instead of ``options.model``'s (benchmarks).
     """
     def base(dtype: torch.dtype, **prefix) -> torch.nn.Module:
+        if options.impl == "remote":
+            return load_remote(options.model, backend, dtype, local_rank=local_rank, **prefix).model
         if shape is not None:
             return random_model(shape, dtype=dtype, device=backend, local_rank=local_rank, **prefix)
         return load_model(options.model, dtype=dtype, device=backend, local_rank=local_rank, **prefix)
@@ -61,13 +64,21 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path,
     directory.mkdir(parents=True, exist_ok=True)
     if method == "ptuning":
         state = {k: v for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
-        model.config.save(directory)
+        _save_config(model.config, directory)
         write_weights(state, directory)
     elif method == "full":
-        model.config.save(directory, dtype="float32")
+        _save_config(model.config, directory, dtype="float32")
         write_weights(state_dict if state_dict is not None else model.state_dict(), directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _save_config(config: Any, directory: Path, dtype: Optional[str] = None) -> None:
+    """Ours writes upstream's config.json verbatim; a remote model's config class writes its own."""
+    if isinstance(config, ChatGLMConfig):
+        config.save(directory, dtype=dtype)
+    else:
+        config.save_pretrained(str(directory))
 
 
 def load_trained(model: torch.nn.Module, method: str, directory: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from glm_portable.errors import UserError
+from glm_portable.modeling.remote import check_impl
 
 METHODS = ("ptuning", "lora", "full")
 
@@ -17,6 +18,7 @@ class TrainOptions:
     data: Path
     output: Path
     method: str = "ptuning"
+    impl: str = "native"
     device: Optional[str] = None
     dtype: Optional[str] = None
     pre_seq_len: int = 128
@@ -50,6 +52,7 @@ class TrainOptions:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        check_impl(self.impl)
         if self.method == "full" and self.deepspeed is None:
             raise UserError("--method full needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state sharded)")
         if self.deepspeed is not None and self.method != "full":

@@ -1,0 +1,99 @@
+"""The `remote` implementation: a model directory's own modeling / tokenization code through
+trust_remote_code, with the patches that make it run on the installed transformers and backend.
+
+For users whose directories carry their own edits of THUDM's files, and as a cross-check of the
+native implementation (same weights, same logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from glm_portable.backends import Backend
+from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
+from glm_portable.patches import Context, RemoteReport, remote_code_patched
+
+from .loading import resolve_dtype
+
+IMPLEMENTATIONS = ("native", "remote")
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLEMENTATIONS:
+        raise UserError(f"--impl {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+
+
+@dataclass
+class RemoteModel:
+    model: Any
+    tokenizer: Any
+    patches: list[str]
+
+
+def remote_context(backend: Backend, dtype: torch.dtype) -> Context:
+    return Context.current(backend.name, backend.kernels(dtype))
+
+
+def check_remote_dir(path: Path) -> dict[str, Any]:
+    """The directory's config, refusing one without remote code (an ``auto_map`` naming its classes)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: no config.json (not a model directory)")
+    config = read_json_object(config_file)
+    auto_map = config.get("auto_map") or {}
+    if not any(key in auto_map for key in ("AutoModel", "AutoModelForCausalLM")):
+        raise UserError(f"{config_file}: field auto_map has no AutoModel entry, so the directory carries no model "
+                        "code of its own; use --impl native")
+    return config
+
+
+def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | None = None,
+                pre_seq_len: Optional[int] = None, prefix_projection: bool = False, local_rank: int = 0,
+                report: Optional[RemoteReport] = None) -> RemoteModel:
+    """Tokenizer and model from the directory's own code, patched, on the backend's device.
+
+    With ``pre_seq_len`` the remote PrefixEncoder is built (P-Tuning v2) and freshly initialised in
+    fp32, as THUDM's recipe trains it; the base is frozen by the remote code itself.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    auto_map = check_remote_dir(path)["auto_map"]
+    dtype = resolve_dtype(dtype, backend)
+    with remote_code_patched(remote_context(backend, dtype)) as imported:
+        tokenizer = load_remote_tokenizer(path)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+        if pre_seq_len is not None:
+            config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
+        loader = AutoModel if "AutoModel" in auto_map else AutoModelForCausalLM
+        model = loader.from_pretrained(str(path), config=config, trust_remote_code=True, **_dtype_argument(dtype))
+    if report is not None:
+        report.decisions.extend(imported.decisions)
+    encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
+    if pre_seq_len is not None and encoder is not None:
+        for module in encoder.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        encoder.float()
+    model = model.to(backend.device(local_rank))
+    return RemoteModel(model.eval(), tokenizer, imported.applied)
+
+
+def load_remote_tokenizer(path: str | Path, backend: Optional[Backend] = None) -> Any:
+    """The directory's own tokenizer class, patched (the patches need a backend only for the model)."""
+    from transformers import AutoTokenizer
+
+    if backend is None:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    with remote_code_patched(Context.current(backend.name)):
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` since transformers 4.56, ``torch_dtype=`` before."""
+    return {"dtype": dtype} if Context.current("cpu").at_least("transformers", "4.56") else {"torch_dtype": dtype}

@@ -1,0 +1,122 @@
+"""Fixes for ChatGLM's remote tokenizer classes (REFERENCE §5, breakages 1, 8 and 15)."""
+
+from __future__ import annotations
+
+import inspect
+from types import ModuleType
+
+from .registry import Context, Decision, Patch, Replacements
+from .remote_classes import own, source_of, tokenizer_classes
+
+SP_ATTRIBUTES = ("tokenizer", "sp_tokenizer")  # v2/v3, v1
+
+
+def _late_sentencepiece(cls: type) -> str | None:
+    """The attribute holding the SentencePiece wrapper when ``__init__`` creates it only after the base
+    ``__init__`` (which reads the vocabulary from 4.34 on); None when it is created first."""
+    source = source_of(own(cls, "__init__"))
+    base_call = source.find("super().__init__(")
+    for attribute in SP_ATTRIBUTES:
+        assigned = source.find(f"self.{attribute} =")
+        if assigned != -1 and base_call != -1 and assigned > base_call:
+            return attribute
+    return None
+
+
+def _init_order_needed(ctx: Context, module: ModuleType) -> Decision:
+    late = [cls.__name__ for cls in tokenizer_classes(module) if _late_sentencepiece(cls)]
+    if not late:
+        return Decision(False, "the tokenizer builds its SentencePiece object before the base __init__", present=False)
+    if not ctx.at_least("transformers", "4.34"):
+        return Decision(False, f"transformers {ctx.versions['transformers']} does not read the vocabulary in __init__")
+    return Decision(True, f"{', '.join(late)} builds it after the base __init__, which reads the vocabulary since 4.34")
+
+
+def _init_order(ctx: Context, module: ModuleType) -> Replacements:
+    out: Replacements = []
+    for cls in tokenizer_classes(module):
+        attribute = _late_sentencepiece(cls)
+        if attribute is None or not hasattr(module, "SPTokenizer"):
+            continue
+        original, builder = own(cls, "__init__"), module.SPTokenizer
+        accepted = set(inspect.signature(builder).parameters) - {"model_path"}
+
+        def __init__(self, vocab_file, *args, _original=original, _attribute=attribute, _builder=builder,
+                     _accepted=accepted, **kwargs):
+            if _attribute not in self.__dict__:
+                extra = {k: v for k, v in kwargs.items() if k in _accepted}
+                setattr(self, _attribute, _builder(vocab_file, **extra))
+            _original(self, vocab_file, *args, **kwargs)
+
+        out.append((cls, "__init__", __init__))
+    return out
+
+
+TOKENIZER_INIT_ORDER = Patch(
+    name="tokenizer-init-order", target="ChatGLMTokenizer.__init__",
+    symptom="AttributeError: object has no attribute 'tokenizer' / 'sp_tokenizer' (or \"'property' object cannot be "
+            "interpreted as an integer\") when the tokenizer loads",
+    needed=_init_order_needed, replacements=_init_order)
+
+
+def _pads_without_side(cls: type) -> bool:
+    pad = own(cls, "_pad")
+    return pad is not None and "padding_side" not in inspect.signature(pad).parameters
+
+
+def _pad_needed(ctx: Context, module: ModuleType) -> Decision:
+    classes = [cls.__name__ for cls in tokenizer_classes(module) if _pads_without_side(cls)]
+    if not classes:
+        return Decision(False, "no tokenizer _pad without a padding_side parameter", present=False)
+    if not ctx.at_least("transformers", "4.45"):
+        return Decision(False, f"transformers {ctx.versions['transformers']} does not pass padding_side to _pad")
+    return Decision(True, f"{', '.join(classes)}._pad lacks padding_side, which transformers passes since 4.45")
+
+
+def _pad(ctx: Context, module: ModuleType) -> Replacements:
+    out: Replacements = []
+    for cls in tokenizer_classes(module):
+        if not _pads_without_side(cls):
+            continue
+        original = own(cls, "_pad")
+
+        def _pad_with_side(self, encoded_inputs, *args, padding_side=None, _original=original, **kwargs):
+            """ChatGLM pads on the left whatever is asked; its own _pad asserts it."""
+            return _original(self, encoded_inputs, *args, **kwargs)
+
+        out.append((cls, "_pad", _pad_with_side))
+    return out
+
+
+TOKENIZER_PAD_SIDE = Patch(
+    name="tokenizer-pad-padding-side", target="ChatGLMTokenizer._pad",
+    symptom="TypeError: _pad() got an unexpected keyword argument 'padding_side'",
+    needed=_pad_needed, replacements=_pad)
+
+
+def _calls_batch_encode_plus(cls: type) -> bool:
+    return "batch_encode_plus(" in source_of(cls) and not hasattr(cls, "batch_encode_plus")
+
+
+def _batch_needed(ctx: Context, module: ModuleType) -> Decision:
+    classes = [cls.__name__ for cls in tokenizer_classes(module) if _calls_batch_encode_plus(cls)]
+    if not classes:
+        return Decision(False, "batch_encode_plus is present or unused", present=False)
+    return Decision(True, f"{', '.join(classes)} calls batch_encode_plus, removed in transformers 5.0")
+
+
+def _batch_encode_plus(ctx: Context, module: ModuleType) -> Replacements:
+    def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs):
+        """The 4.x name for encoding a batch; ``__call__`` does the same on 5.x."""
+        return self(batch_text_or_text_pairs, **kwargs)
+
+    return [(cls, "batch_encode_plus", batch_encode_plus)
+            for cls in tokenizer_classes(module) if _calls_batch_encode_plus(cls)]
+
+
+TOKENIZER_BATCH_ENCODE_PLUS = Patch(
+    name="tokenizer-batch-encode-plus", target="ChatGLMTokenizer.batch_encode_plus",
+    symptom="AttributeError: 'ChatGLMTokenizer' object has no attribute 'batch_encode_plus' (build_chat_input, chat)",
+    needed=_batch_needed, replacements=_batch_encode_plus)
+
+TOKENIZER_PATCHES = (TOKENIZER_INIT_ORDER, TOKENIZER_PAD_SIDE, TOKENIZER_BATCH_ENCODE_PLUS)
