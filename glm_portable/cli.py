@@ -243,6 +243,7 @@ def evaluate_command(
     impl: str = ImplOption,
 ) -> None:
     """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
+    from glm_portable.process import start_process
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -262,7 +263,7 @@ def evaluate_command(
 
     check_impl(impl)
     selection = select_backend(device)
-    _start_process(selection.backend)
+    start_process(selection.backend)
     options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
                           sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
                           max_source_length=max_source_length, limit=limit, impl=impl)
@@ -290,6 +291,7 @@ def chat_command(
     impl: str = ImplOption,
 ) -> None:
     """Chat in the terminal (streaming, history, /clear, /exit), or answer one --query for scripts."""
+    from glm_portable.process import start_process
     from glm_portable.backends import select_backend
     from glm_portable.evaluation import load_for_inference
     from glm_portable.modeling import GenerationSettings, load_tokenizer, stream_chat
@@ -297,7 +299,7 @@ def chat_command(
 
     check_impl(impl)
     selection = select_backend(device)
-    _start_process(selection.backend)
+    start_process(selection.backend)
     loaded = load_for_inference(model, checkpoint, selection.backend, dtype, impl)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
     if impl == "remote":
@@ -446,11 +448,12 @@ def patches_command(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Every patch for the installed stack: needed?, applied?, why (library ones, and a model directory's code)."""
+    from glm_portable.process import start_process
     from glm_portable.patches import Context, patch_table
 
     backend, note = _backend_for_planning(device)
     ctx = Context.current(backend.name, backend.kernels(None))
-    _start_process(backend)
+    start_process(backend)
     report = _import_remote_code(model, ctx) if model is not None else None
     rows = patch_table(ctx, report, model)
     if as_json:
@@ -502,14 +505,6 @@ def _import_remote_code(model: Path, ctx):
             if isinstance(reference, str):
                 get_class_from_dynamic_module(reference, str(model))
     return report
-
-
-def _start_process(backend) -> list[str]:
-    """Per-process setup before model work: the backend's, then the library patches the stack needs."""
-    from glm_portable.patches import Context, apply_library_patches
-
-    backend.prepare_process()
-    return apply_library_patches(Context.current(backend.name))
 
 
 def config_defaults(argv: list[str]) -> dict[str, dict]:

@@ -144,7 +144,8 @@ def _eos(ctx: Context, module: ModuleType) -> Replacements:
 
 GENERATION_EOS_TENSOR = Patch(
     name="generation-eos-token-tensor", target="ChatGLMForConditionalGeneration._get_logits_processor",
-    symptom="'GenerationConfig' object has no attribute '_eos_token_tensor' (stream_chat)",
+    symptom="'GenerationConfig' object has no attribute '_eos_token_tensor' (stream_chat with bad_words_ids); "
+            "min_length / min_new_tokens silently ignored",
     needed=_eos_needed, replacements=_eos)
 
 def _mask_updating(module: ModuleType) -> list[type]:

@@ -151,8 +151,8 @@ def _quantize_needed(ctx: Context, module: ModuleType) -> Decision:
         return Decision(False, "no quantize() method", present=False)
     if ctx.backend == "cuda":
         return Decision(False, "int4/int8 kernels (cpm_kernels) run on CUDA")
-    return Decision(True, f"{', '.join(classes)}.quantize() runs CUDA-only kernels (cpm_kernels, "
-                          f"torch.cuda.current_device()); refused with a clear message on {ctx.backend}")
+    return Decision(True, f"{', '.join(classes)}.quantize() runs CUDA-only kernels (cpm_kernels, the current "
+                          f"CUDA device); refused with a clear message on {ctx.backend}")
 
 
 def _refuse_quantize(ctx: Context, module: ModuleType) -> Replacements:
@@ -166,7 +166,7 @@ def _refuse_quantize(ctx: Context, module: ModuleType) -> Replacements:
 
 QUANTIZATION_CUDA_ONLY = Patch(
     name="quantization-cuda-only", target="ChatGLMForConditionalGeneration.quantize",
-    symptom="errors from cpm_kernels or torch.cuda.current_device() when quantization_bit is set off CUDA",
+    symptom="errors from cpm_kernels or the CUDA runtime when quantization_bit is set off CUDA",
     needed=_quantize_needed, replacements=_refuse_quantize)
 
 def _prompting(module: ModuleType) -> list[type]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import metadata
+from types import ModuleType
 from typing import Any, Callable, Optional
 
 from packaging.version import Version
@@ -78,6 +79,8 @@ class Patch:
             if key not in self.installed:
                 self.installed[key] = (owner, attribute, attribute in _namespace(owner), _current(owner, attribute))
             setattr(value, MARK, self.name)
+            if callable(value) and self.installed[key][3] is not None:
+                value.__wrapped__ = self.installed[key][3]  # detectors read the code being patched
             _set(owner, attribute, value)
             changed = True
         return changed
@@ -105,9 +108,10 @@ class Patch:
 
 
 def _belongs(owner: Any, target: Any) -> bool:
-    """Whether ``owner`` is ``target`` or a class defined in the module ``target``."""
+    """Whether ``owner`` is ``target`` or a class the module ``target`` holds (not a class of an earlier
+    execution of a module with the same name)."""
     return target is None or owner is target or (
-        isinstance(owner, type) and owner.__module__ == getattr(target, "__name__", None))
+        isinstance(owner, type) and isinstance(target, ModuleType) and vars(target).get(owner.__name__) is owner)
 
 
 def _namespace(owner: Any) -> dict:

@@ -38,7 +38,9 @@ def own(cls: type, name: str) -> Optional[object]:
 
 
 def source_of(obj: object) -> str:
+    """The source of ``obj``, or of the code a patch wrapped in it (so detection does not depend on
+    the order patches were applied in)."""
     try:
-        return inspect.getsource(obj)  # type: ignore[arg-type]
+        return inspect.getsource(inspect.unwrap(obj) if callable(obj) else obj)  # type: ignore[arg-type]
     except (OSError, TypeError):
         return ""

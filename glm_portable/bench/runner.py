@@ -19,6 +19,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from glm_portable.backends import Backend
+from glm_portable.patches import APPLIED
+from glm_portable.process import start_process
 from glm_portable.data import TrainCollator
 from glm_portable.errors import TrainingStopped, UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
@@ -92,7 +94,7 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
               peak_tflops: Optional[float]) -> Optional[dict[str, Any]]:
     """Run the workload in this process (one rank, or alone); rank 0 returns the measurements."""
     rank, local_rank, world_size = world()
-    backend.prepare_process()
+    start_process(backend)
     if backend.name != "cpu":
         backend.set_device(local_rank)
         backend.reset_peak_memory(local_rank)
@@ -174,6 +176,6 @@ def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: 
     if measured is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = build_record(name, workload, measured, patches=[])
+    record = build_record(name, workload, measured, patches=list(APPLIED.names))
     write_json_object(out, record)
     return record

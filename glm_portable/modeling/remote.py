@@ -16,7 +16,7 @@ import torch
 from glm_portable.backends import Backend
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object
-from glm_portable.patches import Context, RemoteReport, remote_code_patched
+from glm_portable.patches import Context, remote_code_patched
 
 from .loading import resolve_dtype
 
@@ -53,8 +53,7 @@ def check_remote_dir(path: Path) -> dict[str, Any]:
 
 
 def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | None = None,
-                pre_seq_len: Optional[int] = None, prefix_projection: bool = False, local_rank: int = 0,
-                report: Optional[RemoteReport] = None) -> RemoteModel:
+                pre_seq_len: Optional[int] = None, prefix_projection: bool = False, local_rank: int = 0) -> RemoteModel:
     """Tokenizer and model from the directory's own code, patched, on the backend's device.
 
     With ``pre_seq_len`` the remote PrefixEncoder is built (P-Tuning v2) and freshly initialised in
@@ -66,14 +65,12 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     auto_map = check_remote_dir(path)["auto_map"]
     dtype = resolve_dtype(dtype, backend)
     with remote_code_patched(remote_context(backend, dtype)) as imported:
-        tokenizer = load_remote_tokenizer(path)
+        tokenizer = _tokenizer(path)
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
         if pre_seq_len is not None:
             config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
         loader = AutoModel if "AutoModel" in auto_map else AutoModelForCausalLM
         model = loader.from_pretrained(str(path), config=config, trust_remote_code=True, **_dtype_argument(dtype))
-    if report is not None:
-        report.decisions.extend(imported.decisions)
     encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
     if pre_seq_len is not None and encoder is not None:
         for module in encoder.modules():
@@ -84,14 +81,16 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     return RemoteModel(model.eval(), tokenizer, imported.applied)
 
 
-def load_remote_tokenizer(path: str | Path, backend: Optional[Backend] = None) -> Any:
-    """The directory's own tokenizer class, patched (the patches need a backend only for the model)."""
+def load_remote_tokenizer(path: str | Path, backend: Backend) -> Any:
+    """The directory's own tokenizer class, patched."""
+    with remote_code_patched(Context.current(backend.name)):
+        return _tokenizer(path)
+
+
+def _tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    if backend is None:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
-    with remote_code_patched(Context.current(backend.name)):
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
 
 
 def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:

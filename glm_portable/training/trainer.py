@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 from glm_portable.backends import Backend
+from glm_portable.patches import APPLIED
+from glm_portable.process import start_process
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from glm_portable import __version__
@@ -180,7 +182,7 @@ class TrainResult:
 def run_training(options: TrainOptions, backend: Backend, selection_reason: str) -> TrainResult:
     """Train in this process (one rank of a launched group, or alone); returns THUDM's results and the model."""
     rank, local_rank, world_size = world()
-    backend.prepare_process()
+    start_process(backend)
     if backend.name != "cpu":
         backend.set_device(local_rank)
     dtype = resolve_dtype(options.dtype, backend)
@@ -219,11 +221,13 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
             "glm_portable_version": __version__, "identity": identity, "options": options.as_dict(),
             "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
                         "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
-                        "dist_backend": backend.dist_backend, "kernels": model.kernels.name},
+                        "dist_backend": backend.dist_backend,
+                        "kernels": getattr(model, "kernels", None) and model.kernels.name},
             "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
             "data": {"path": str(options.data), "template": manifest["template"], "rows": len(dataset),
                      "tokenizer": manifest["tokenizer"]["fingerprint"]},
-            "resumed_from": str(resume) if resume else None, "versions": library_versions(), "patches": [],
+            "resumed_from": str(resume) if resume else None, "versions": library_versions(),
+            "impl": options.impl, "patches": list(APPLIED.names),
         })
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.nonfinite is not None:
