@@ -49,6 +49,15 @@ def check_remote_dir(path: Path) -> dict[str, Any]:
     if not any(key in auto_map for key in ("AutoModel", "AutoModelForCausalLM")):
         raise UserError(f"{config_file}: field auto_map has no AutoModel entry, so the directory carries no model "
                         "code of its own; use --impl native")
+    for reference in auto_map.values():
+        module = str(reference[0] if isinstance(reference, list) else reference).split(".")[0]
+        if not (Path(path) / f"{module}.py").is_file():
+            raise UserError(f"{config_file}: auto_map names {module}.py, which is not in {path}")
+    tokenizer_file = Path(path) / "tokenizer_config.json"
+    tokenizer_map = read_json_object(tokenizer_file).get("auto_map", {}) if tokenizer_file.is_file() else {}
+    if not tokenizer_map.get("AutoTokenizer"):
+        raise UserError(f"{path}: no tokenizer code of its own (tokenizer_config.json with auto_map.AutoTokenizer); "
+                        "use --impl native")
     return config
 
 
@@ -67,10 +76,13 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     with remote_code_patched(remote_context(backend, dtype)) as imported:
         tokenizer = _tokenizer(path)
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+        config.use_cache = True  # a checkpoint may carry training's false; the remote code needs it to generate
         if pre_seq_len is not None:
             config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
         loader = AutoModel if "AutoModel" in auto_map else AutoModelForCausalLM
         model = loader.from_pretrained(str(path), config=config, trust_remote_code=True, **_dtype_argument(dtype))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
     if pre_seq_len is not None and encoder is not None:
         for module in encoder.modules():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,10 +58,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trained(model: torch.nn.Module, method: str, directory: Path,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+                 state_dict: Optional[dict[str, torch.Tensor]] = None, base_dir: Optional[Path] = None) -> None:
     """Write only what the method trains: the prefix encoder, the LoRA adapter, or the whole model.
 
     ``state_dict`` is the gathered one under ZeRO-3, where the module's own parameters are shards.
+    A whole model also gets ``base_dir``'s tokenizer and code files, so that the checkpoint is a
+    model directory of its own (what `chat --model`, `--impl remote` and upstream loaders expect).
     """
     directory.mkdir(parents=True, exist_ok=True)
     if method == "ptuning":
@@ -69,12 +73,31 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path,
     elif method == "full":
         _save_config(model.config, directory, dtype="float32")
         write_weights(state_dict if state_dict is not None else model.state_dict(), directory)
+        if base_dir is not None:
+            _copy_model_files(base_dir, directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
 
 
+MODEL_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "*.py")
+
+
+def _copy_model_files(base_dir: Path, directory: Path) -> None:
+    """The base directory's tokenizer and remote-code files that the checkpoint does not have yet."""
+    for pattern in MODEL_FILES:
+        for source in Path(base_dir).glob(pattern):
+            if source.is_file() and not (directory / source.name).exists():
+                shutil.copy2(source, directory / source.name)
+
+
 def _save_config(config: Any, directory: Path, dtype: Optional[str] = None) -> None:
-    """Ours writes upstream's config.json verbatim; a remote model's config class writes its own."""
+    """Ours writes upstream's config.json verbatim; a remote model's config class writes its own.
+
+    use_cache is written true: the Trainer turns it off while training, and upstream code that
+    loads the checkpoint would otherwise generate without its cache, seeing one token a step.
+    """
+    config = copy.deepcopy(config)
+    config.use_cache = True
     if isinstance(config, ChatGLMConfig):
         config.save(directory, dtype=dtype)
     else:

@@ -65,16 +65,17 @@ class CountingCollator:
 class GlmTrainer(Trainer):
     """Checkpoints hold only what the method trains; complete ones are marked; non-finite losses are caught."""
 
-    def __init__(self, *args, method: str, **kwargs) -> None:
+    def __init__(self, *args, method: str, base_dir: Optional[Path] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.method = method
+        self.base_dir = base_dir
         self.nonfinite: Optional[tuple[int, float]] = None
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if not self.args.should_save:
             return  # under DeepSpeed every rank gets here; one writer per checkpoint
         save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir),
-                     state_dict if self.method == "full" else None)
+                     state_dict if self.method == "full" else None, self.base_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
         load_trained(model or self.model, self.method, Path(resume_from_checkpoint))
@@ -211,7 +212,8 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
     callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
     trainer = GlmTrainer(model=model, args=args,
-                         train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method)
+                         train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method,
+                         base_dir=options.model)
     callback.trainer = trainer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:

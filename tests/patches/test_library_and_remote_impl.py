@@ -133,3 +133,22 @@ def test_remote_impl_refuses_a_directory_without_its_own_code(tiny_dir):
     assert out.returncode == 2 and "auto_map has no AutoModel entry" in out.stderr and "Traceback" not in out.stderr
     out = cli("chat", "--model", tiny_dir, "--impl", "borrowed", "--query", "你好", check=False)
     assert out.returncode == 2 and "--impl 'borrowed'" in out.stderr
+
+
+def test_a_remote_full_checkpoint_is_a_model_directory_that_generates_like_native(remote_dir, tmp_path):
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子。"} for c in ("红色", "白色", "黑色", "蓝色")]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    preprocess(PreprocessOptions(model=remote_dir, train_file=train, eval_file=train, out=tmp_path / "data", num_shards=1))
+    cli("train", "--model", remote_dir, "--data", tmp_path / "data", "--output", tmp_path / "run", "--impl", "remote",
+        "--method", "full", "--deepspeed", "zero2", "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "1",
+        "--max-steps", "4", "--save-steps", "4", "--master-port", "29657")
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    for name in ("modeling_chatglm.py", "tokenization_chatglm.py", "tokenizer.model", "tokenizer_config.json"):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / "config.json").read_text())["use_cache"] is True
+    for impl in ("remote", "native"):
+        cli("evaluate", "--model", remote_dir, "--checkpoint", checkpoint, "--data", tmp_path / "data",
+            "--output", tmp_path / f"eval-{impl}", "--impl", impl, "--max-new-tokens", "6")
+    predictions = [(tmp_path / f"eval-{impl}" / "generated_predictions.txt").read_text() for impl in ("remote", "native")]
+    assert predictions[0] == predictions[1]

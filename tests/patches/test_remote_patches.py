@@ -1,9 +1,11 @@
 """Each remote-code patch against our upstream-structured fixture: it fails without the patch on the
 installed transformers and works with it; revert restores; applying twice changes nothing."""
 
+import importlib.util
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +235,23 @@ def test_npu_attention_and_rms_norm_go_through_the_backend_kernels(fresh):
     assert calls == {"attention": 2, "rms_norm": 5}
     torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-5)
     assert getattr(vars(fresh.model.CoreAttention)["forward"], MARK) == "npu-attention-kernel"
+
+
+def test_the_first_generation_tokenizer_is_fixed_too(tiny_dir):
+    """ChatGLM-6B names its wrapper sp_tokenizer and passes num_image_tokens; the patch forwards it."""
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "remote_chatglm_v1" / "tokenization_chatglm.py"
+    spec = importlib.util.spec_from_file_location("glm_portable_test_v1_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    build = lambda: module.ChatGLMTokenizer(str(tiny_dir / "tokenizer.model"), num_image_tokens=7)  # noqa: E731
+    assert TOKENIZER_INIT_ORDER.needed(CPU, module).needed
+    with pytest.raises(Exception):
+        build()
+    TOKENIZER_INIT_ORDER.apply(CPU, module)
+    try:
+        tokenizer = build()
+        assert tokenizer.sp_tokenizer.num_image_tokens == 7 and tokenizer.vocab_size == 7 + 1000
+        assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize("红色")) == [
+            tokenizer.sp_tokenizer.piece_to_id(p) for p in tokenizer.tokenize("红色")]
+    finally:
+        TOKENIZER_INIT_ORDER.revert(module)
