@@ -8,7 +8,6 @@ replacement carries the patch's name, so that applying twice changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import metadata
 from types import ModuleType
 from typing import Any, Callable, Optional
 
@@ -28,13 +27,9 @@ class Context:
 
     @classmethod
     def current(cls, backend: str, kernels: Any = None) -> "Context":
-        versions = {}
-        for name in ("transformers", "deepspeed", "torch", "torch_npu"):
-            try:
-                versions[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                versions[name] = None
-        return cls(backend, versions, kernels)
+        from glm_portable.environment import library_versions
+
+        return cls(backend, library_versions(), kernels)
 
     def at_least(self, library: str, version: str) -> bool:
         installed = self.versions.get(library)
