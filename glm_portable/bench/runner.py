@@ -104,7 +104,7 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
         options = train_options(workload, backend.name, dtype_name, Path(scratch))
         args = training_arguments(options, backend, dtype, world_size)
         backend.seed(workload.seed)
-        model = build_model(options, backend, dtype, local_rank, shape=None if Path(workload.shape).is_dir() else shape)
+        model = build_model(options, backend, dtype, local_rank, shape=None if workload.from_directory else shape)
         data = Dataset.from_dict(synthetic_rows(workload, shape.padded_vocab_size))
         log = StepLog()
         trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=workload.method,

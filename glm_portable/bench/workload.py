@@ -74,6 +74,11 @@ class Workload:
         return self.source_length + self.target_length
 
     @property
+    def from_directory(self) -> bool:
+        """A model directory's own weights, rather than random weights in a named shape."""
+        return self.shape not in SHAPE_NAMES
+
+    @property
     def total_steps(self) -> int:
         return self.warmup + self.steps
 
@@ -89,7 +94,7 @@ class Workload:
         """What a record stores: a directory by its name and architecture, since paths differ between machines."""
         data = asdict(self)
         data["lr"] = self.learning_rate
-        if self.shape not in SHAPE_NAMES:
+        if self.from_directory:
             data["shape"] = f"dir:{Path(self.shape).resolve().name}"
         config = self.config()
         data["architecture"] = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
