@@ -116,13 +116,7 @@ def preprocess_command(
     skip_bad_rows: bool = typer.Option(False, help="Skip malformed rows (counted and listed in the manifest) instead of failing."),
 ) -> None:
     """Tokenize a dataset once into Arrow shards that every backend trains from."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from glm_portable.data import Columns, PreprocessOptions, preprocess
 
@@ -191,12 +185,7 @@ def train_command(
 ) -> None:
     """Fine-tune with P-Tuning v2 or LoRA on one card or many (same command on CPU, GPU and NPU)."""
     from glm_portable.backends import select_backend
-    from glm_portable.training.launcher import (
-        dry_run_plan,
-        is_launched_child,
-        launch,
-        plan,
-    )
+    from glm_portable.training.launcher import dry_run_plan, is_launched_child, launch, plan
     from glm_portable.training.options import TrainOptions
     from glm_portable.training.run_dir import resolve_resume
     from glm_portable.training.trainer import run_identity, run_training
@@ -244,21 +233,10 @@ def evaluate_command(
 ) -> None:
     """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
     from glm_portable.process import start_process
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from glm_portable.backends import select_backend
-    from glm_portable.evaluation import (
-        METRIC_KEYS,
-        EvalOptions,
-        evaluate,
-        evaluation_settings,
-    )
+    from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
     from glm_portable.modeling.remote import check_impl
 
     check_impl(impl)
@@ -472,12 +450,7 @@ def patches_command(
 
 def _backend_for_planning(device: Optional[str]):
     """The selected backend, or the named one even where it is absent (to see what it would need)."""
-    from glm_portable.backends import (
-        DEVICE_ENV,
-        BackendUnavailable,
-        get_backend,
-        select_backend,
-    )
+    from glm_portable.backends import DEVICE_ENV, BackendUnavailable, get_backend, select_backend
 
     try:
         selection = select_backend(device)

@@ -18,12 +18,7 @@ from glm_portable.backends import Selection
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
 from glm_portable.errors import UserError
-from glm_portable.evaluation import (
-    METRIC_KEYS,
-    EvalOptions,
-    evaluate,
-    evaluation_settings,
-)
+from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
 from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling.tiny import make_tiny_model
 from glm_portable.training.options import TrainOptions

@@ -12,12 +12,7 @@ from typing import Any, Optional
 
 from .library_fixes import LIBRARY_PATCHES
 from .registry import APPLIED, Context, Decision, Patch
-from .remote_hook import (
-    IMPORT_PATCHES,
-    MODULE_PATCHES,
-    RemoteReport,
-    remote_code_patched,
-)
+from .remote_hook import IMPORT_PATCHES, MODULE_PATCHES, RemoteReport, remote_code_patched
 
 ALL_PATCHES: tuple[Patch, ...] = (*LIBRARY_PATCHES, *IMPORT_PATCHES, *MODULE_PATCHES)
 

@@ -19,26 +19,16 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from glm_portable.backends import Backend
-from glm_portable.patches import APPLIED
-from glm_portable.process import start_process
 from glm_portable.data import TrainCollator
 from glm_portable.errors import TrainingStopped, UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, resolve_dtype
-from glm_portable.training.launcher import (
-    is_launched_child,
-    launch,
-    trainable_parameters,
-)
+from glm_portable.patches import APPLIED
+from glm_portable.process import start_process
+from glm_portable.training.launcher import is_launched_child, launch, trainable_parameters
 from glm_portable.training.methods import build_model
 from glm_portable.training.options import TrainOptions
-from glm_portable.training.trainer import (
-    GlmTrainer,
-    gather_from_ranks,
-    leave_process_group,
-    training_arguments,
-    world,
-)
+from glm_portable.training.trainer import GlmTrainer, gather_from_ranks, leave_process_group, training_arguments, world
 
 from .flops import mfu, training_flops_per_token
 from .record import build_record

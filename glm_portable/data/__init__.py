@@ -3,12 +3,7 @@
 from .collate import PADDING_MODES, TrainCollator
 from .formats import FORMATS, Columns
 from .manifest import check_compatible, read_manifest
-from .preprocessing import (
-    PreprocessOptions,
-    PreprocessResult,
-    load_preprocessed,
-    preprocess,
-)
+from .preprocessing import PreprocessOptions, PreprocessResult, load_preprocessed, preprocess
 from .templates import TEMPLATES, template_for
 
 __all__ = [

@@ -16,12 +16,7 @@ from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
-from glm_portable.modeling import (
-    GenerationSettings,
-    load_model,
-    load_prefix,
-    load_tokenizer,
-)
+from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
 from glm_portable.training.run_dir import complete_checkpoints

@@ -2,15 +2,7 @@
 
 from .chat import GenerationSettings, chat, stream_chat
 from .config import ChatGLMConfig, load_config
-from .loading import (
-    load_model,
-    load_prefix,
-    load_tokenizer,
-    random_model,
-    resolve_dtype,
-    save_model,
-    save_prefix,
-)
+from .loading import load_model, load_prefix, load_tokenizer, random_model, resolve_dtype, save_model, save_prefix
 from .model import ChatGLMForConditionalGeneration
 from .prompts import chat_input_ids, chatglm2_prompt, chatglm3_ids
 from .tokenizer import ChatGLMTokenizer

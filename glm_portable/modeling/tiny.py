@@ -15,13 +15,7 @@ from glm_portable.errors import UserError
 from .checkpoint import write_weights
 from .config import ChatGLMConfig
 from .model import ChatGLMForConditionalGeneration
-from .tokenizer import (
-    CHATGLM2_SPECIALS,
-    CHATGLM3_SPECIALS,
-    FAMILIES,
-    TOKENIZER_FILE,
-    ChatGLMTokenizer,
-)
+from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, FAMILIES, TOKENIZER_FILE, ChatGLMTokenizer
 
 FFN_RATIO = 13696 / 4096  # upstream's ffn_hidden_size / hidden_size
 SEQ_LENGTH = {"chatglm2": 32768, "chatglm3": 8192}

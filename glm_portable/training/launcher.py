@@ -9,22 +9,11 @@ import sys
 from typing import Any
 
 import torch
-from glm_portable.backends import (
-    DEVICE_ENV,
-    Backend,
-    BackendUnavailable,
-    get_backend,
-    select_backend,
-)
 
+from glm_portable.backends import DEVICE_ENV, Backend, BackendUnavailable, get_backend, select_backend
 from glm_portable.data import check_compatible, template_for
-from glm_portable.modeling import (
-    ChatGLMConfig,
-    ChatGLMForConditionalGeneration,
-    load_config,
-    load_tokenizer,
-    resolve_dtype,
-)
+from glm_portable.modeling import (ChatGLMConfig, ChatGLMForConditionalGeneration, load_config, load_tokenizer,
+                                   resolve_dtype)
 
 from .deepspeed_config import build_deepspeed_config
 from .options import TrainOptions

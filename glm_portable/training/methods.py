@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from glm_portable.backends import Backend
 
+from glm_portable.backends import Backend
 from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
 from glm_portable.modeling.checkpoint import load_weights, write_weights

@@ -15,37 +15,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from glm_portable.backends import Backend
-from glm_portable.patches import APPLIED
-from glm_portable.process import start_process
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from glm_portable import __version__
-from glm_portable.data import (
-    TrainCollator,
-    check_compatible,
-    load_preprocessed,
-    template_for,
-)
+from glm_portable.backends import Backend
+from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
 from glm_portable.environment import library_versions
 from glm_portable.errors import TrainingStopped, UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_tokenizer, resolve_dtype
+from glm_portable.patches import APPLIED
+from glm_portable.process import start_process
 
 from .deepspeed_config import build_deepspeed_config
 from .methods import build_model, load_trained, save_trained
 from .options import TrainOptions
-from .run_dir import (
-    IDENTITY_KEYS,
-    METRICS,
-    RESULTS,
-    RUN_JSON,
-    complete_checkpoints,
-    mark_complete,
-    plot_loss,
-    prepare_run_dir,
-    truncate_metrics,
-)
+from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkpoints, mark_complete, plot_loss,
+                      prepare_run_dir, truncate_metrics)
 
 THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
 
