@@ -31,7 +31,8 @@ def apply_library_patches(ctx: Context) -> list[str]:
     return names
 
 
-def patch_table(ctx: Context, report: Optional[RemoteReport] = None, model: Optional[Path] = None) -> list[dict[str, Any]]:
+def patch_table(ctx: Context, report: Optional[RemoteReport] = None,
+                model: Optional[Path] = None) -> list[dict[str, Any]]:
     """One row a patch: kind, target, needed, applied, why (remote ones per module of ``report``)."""
     rows = []
     for patch in LIBRARY_PATCHES:

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers.generation.logits_process import LogitsProcessorList
 
-from .registry import Context, Decision, Patch, Replacements
+from .registry import since_transformers, Context, Decision, Patch, Replacements
 from .remote_classes import generation_classes, own, source_of
 
 
@@ -19,13 +19,12 @@ def _tuple_cache_classes(module: ModuleType) -> list[type]:
 
 
 def _tuple_cache_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _tuple_cache_classes(module)]
-    if not classes:
-        return Decision(False, "no generating model with tuple caches", present=False)
-    if not ctx.at_least("transformers", "5.0"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} passes no Cache object to remote code")
-    return Decision(True, f"generate() hands {', '.join(classes)} an empty Cache object: the P-Tuning prefix is "
-                          "never injected and the sequence-first tuple layout breaks")
+    return since_transformers(
+        ctx, "5.0", _tuple_cache_classes(module),
+        absent="no generating model with tuple caches",
+        older="passes no Cache object to remote code",
+        needed="generate() hands {classes} an empty Cache object: the P-Tuning prefix is "
+               "never injected and the sequence-first tuple layout breaks")
 
 
 def _tuple_cache(ctx: Context, module: ModuleType) -> Replacements:
@@ -50,13 +49,12 @@ def _extracting(module: ModuleType) -> list[type]:
 
 
 def _extract_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _extracting(module)]
-    if not classes:
-        return Decision(False, "the cache update does not call _extract_past_from_model_output", present=False)
-    if not ctx.at_least("transformers", "4.42"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} has the original helper")
-    return Decision(True, f"{', '.join(classes)} update the cache through _extract_past_from_model_output, which "
-                          "returns (name, cache) from 4.42, drops standardize_cache_format in 4.44, is gone in 4.49")
+    return since_transformers(
+        ctx, "4.42", _extracting(module),
+        absent="the cache update does not call _extract_past_from_model_output",
+        older="has the original helper",
+        needed="{classes} update the cache through _extract_past_from_model_output, which "
+               "returns (name, cache) from 4.42, drops standardize_cache_format in 4.44, is gone in 4.49")
 
 
 def _extract(ctx: Context, module: ModuleType) -> Replacements:
@@ -79,13 +77,12 @@ def _warping(module: ModuleType) -> list[type]:
 
 
 def _warper_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _warping(module)]
-    if not classes:
-        return Decision(False, "no custom loop calling _get_logits_warper", present=False)
-    if not ctx.at_least("transformers", "4.42"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} has _get_logits_warper(generation_config)")
-    return Decision(True, f"{', '.join(classes)} call _get_logits_warper(generation_config): it needs a device "
-                          "from 4.42 and is gone from 4.45, when the processors took over warping")
+    return since_transformers(
+        ctx, "4.42", _warping(module),
+        absent="no custom loop calling _get_logits_warper",
+        older="has _get_logits_warper(generation_config)",
+        needed="{classes} call _get_logits_warper(generation_config): it needs a device "
+               "from 4.42 and is gone from 4.45, when the processors took over warping")
 
 
 def _warper(ctx: Context, module: ModuleType) -> Replacements:
@@ -116,13 +113,12 @@ def _custom_loops(module: ModuleType) -> list[type]:
 
 
 def _eos_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _custom_loops(module)]
-    if not classes:
-        return Decision(False, "no custom loop building its own logits processors", present=False)
-    if not ctx.at_least("transformers", "4.43"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} processors read eos_token_id directly")
-    return Decision(True, f"{', '.join(classes)} build processors outside generate(), so the "
-                          "generation config lacks _eos_token_tensor (4.43 on)")
+    return since_transformers(
+        ctx, "4.43", _custom_loops(module),
+        absent="no custom loop building its own logits processors",
+        older="processors read eos_token_id directly",
+        needed="{classes} build processors outside generate(), so the "
+               "generation config lacks _eos_token_tensor (4.43 on)")
 
 
 def _eos(ctx: Context, module: ModuleType) -> Replacements:
@@ -170,8 +166,8 @@ def _mask_needed(ctx: Context, module: ModuleType) -> Decision:
 
 
 def _mask(ctx: Context, module: ModuleType) -> Replacements:
-    return [(cls, "_update_model_kwargs_for_generation", _without_dropped_mask(own(cls, "_update_model_kwargs_for_generation")))
-            for cls in _mask_updating(module)]
+    name = "_update_model_kwargs_for_generation"
+    return [(cls, name, _without_dropped_mask(own(cls, name))) for cls in _mask_updating(module)]
 
 
 def _without_dropped_mask(original: Any) -> Any:
@@ -185,7 +181,8 @@ def _without_dropped_mask(original: Any) -> Any:
 
 
 GENERATION_DROPPED_MASK = Patch(
-    name="generation-dropped-attention-mask", target="ChatGLMForConditionalGeneration._update_model_kwargs_for_generation",
+    name="generation-dropped-attention-mask",
+    target="ChatGLMForConditionalGeneration._update_model_kwargs_for_generation",
     symptom="AttributeError: 'NoneType' object has no attribute 'new_ones' (chat without padding)",
     needed=_mask_needed, replacements=_mask)
 

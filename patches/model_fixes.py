@@ -11,7 +11,7 @@ import torch
 
 from glm_portable.errors import UserError
 
-from .registry import MARK, Context, Decision, Patch, Replacements
+from .registry import since_transformers, MARK, Context, Decision, Patch, Replacements
 from .remote_classes import config_classes, model_classes, own, source_of
 
 # Generation fields the remote code reads from its config. use_cache keeps config.json's value (4.x
@@ -26,13 +26,12 @@ def _config_fields_missing(cls: type) -> list[str]:
 
 
 def _config_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in config_classes(module) if _config_fields_missing(cls)]
-    if not classes:
-        return Decision(False, "no remote config class, or it sets use_cache and max_length itself", present=False)
-    if not ctx.at_least("transformers", "5.0"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} keeps generation fields on configs")
-    return Decision(True, f"{', '.join(classes)} relies on PretrainedConfig for use_cache / max_length, "
-                          "which transformers 5 no longer keeps")
+    return since_transformers(
+        ctx, "5.0", [cls for cls in config_classes(module) if _config_fields_missing(cls)],
+        absent="no remote config class, or it sets use_cache and max_length itself",
+        older="keeps generation fields on configs",
+        needed="{classes} relies on PretrainedConfig for use_cache / max_length, "
+               "which transformers 5 no longer keeps")
 
 
 def _config_fields(ctx: Context, module: ModuleType) -> Replacements:
@@ -65,13 +64,12 @@ def _never_post_init(module: ModuleType) -> list[type]:
 
 
 def _post_init_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _never_post_init(module)]
-    if not classes:
-        return Decision(False, "no remote model class, or every one calls post_init()", present=False)
-    if not ctx.at_least("transformers", "5.0"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} works without post_init()")
-    return Decision(True, f"{', '.join(classes)} never call post_init(), which transformers 5 needs "
-                          "(all_tied_weights_keys)")
+    return since_transformers(
+        ctx, "5.0", _never_post_init(module),
+        absent="no remote model class, or every one calls post_init()",
+        older="works without post_init()",
+        needed="{classes} never call post_init(), which transformers 5 needs "
+               "(all_tied_weights_keys)")
 
 
 def _post_init(ctx: Context, module: ModuleType) -> Replacements:
@@ -174,13 +172,12 @@ def _prompting(module: ModuleType) -> list[type]:
 
 
 def _prefix_tokens_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in _prompting(module)]
-    if not classes:
-        return Decision(False, "no get_prompt reading self.prefix_tokens", present=False)
-    if not ctx.at_least("transformers", "5.0"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} builds models on a real device")
-    return Decision(True, f"{', '.join(classes)} keep prefix_tokens as a plain tensor attribute, which stays on the "
-                          "meta device when transformers 5 builds the model there")
+    return since_transformers(
+        ctx, "5.0", _prompting(module),
+        absent="no get_prompt reading self.prefix_tokens",
+        older="builds models on a real device",
+        needed="{classes} keep prefix_tokens as a plain tensor attribute, which stays on the "
+               "meta device when transformers 5 builds the model there")
 
 
 def _prefix_tokens(ctx: Context, module: ModuleType) -> Replacements:

@@ -49,6 +49,18 @@ class Decision:
     present: bool = True
 
 
+def since_transformers(ctx: Context, version: str, found: list[type], absent: str, older: str,
+                       needed: str) -> Decision:
+    """The decision most remote-code patches take: nothing in the module to fix (``absent``), an
+    installed transformers older than ``version`` that runs the code as it is (``older``, after the
+    version), or needed (``{classes}`` in ``needed`` names the classes found)."""
+    if not found:
+        return Decision(False, absent, present=False)
+    if not ctx.at_least("transformers", version):
+        return Decision(False, f"transformers {ctx.versions['transformers']} {older}")
+    return Decision(True, needed.format(classes=", ".join(cls.__name__ for cls in found)))
+
+
 @dataclass
 class Patch:
     """One fix. ``needed`` looks at the context and, for remote-code patches, at the module itself,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from types import ModuleType
 
-from .registry import Context, Decision, Patch, Replacements
+from .registry import since_transformers, Context, Decision, Patch, Replacements
 from .remote_classes import own, source_of, tokenizer_classes
 
 SP_ATTRIBUTES = ("tokenizer", "sp_tokenizer")  # v2/v3, v1
@@ -24,12 +24,11 @@ def _late_sentencepiece(cls: type) -> str | None:
 
 
 def _init_order_needed(ctx: Context, module: ModuleType) -> Decision:
-    late = [cls.__name__ for cls in tokenizer_classes(module) if _late_sentencepiece(cls)]
-    if not late:
-        return Decision(False, "the tokenizer builds its SentencePiece object before the base __init__", present=False)
-    if not ctx.at_least("transformers", "4.34"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} does not read the vocabulary in __init__")
-    return Decision(True, f"{', '.join(late)} builds it after the base __init__, which reads the vocabulary since 4.34")
+    return since_transformers(
+        ctx, "4.34", [cls for cls in tokenizer_classes(module) if _late_sentencepiece(cls)],
+        absent="the tokenizer builds its SentencePiece object before the base __init__",
+        older="does not read the vocabulary in __init__",
+        needed="{classes} builds it after the base __init__, which reads the vocabulary since 4.34")
 
 
 def _init_order(ctx: Context, module: ModuleType) -> Replacements:
@@ -65,12 +64,11 @@ def _pads_without_side(cls: type) -> bool:
 
 
 def _pad_needed(ctx: Context, module: ModuleType) -> Decision:
-    classes = [cls.__name__ for cls in tokenizer_classes(module) if _pads_without_side(cls)]
-    if not classes:
-        return Decision(False, "no tokenizer _pad without a padding_side parameter", present=False)
-    if not ctx.at_least("transformers", "4.45"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} does not pass padding_side to _pad")
-    return Decision(True, f"{', '.join(classes)}._pad lacks padding_side, which transformers passes since 4.45")
+    return since_transformers(
+        ctx, "4.45", [cls for cls in tokenizer_classes(module) if _pads_without_side(cls)],
+        absent="no tokenizer _pad without a padding_side parameter",
+        older="does not pass padding_side to _pad",
+        needed="{classes}._pad lacks padding_side, which transformers passes since 4.45")
 
 
 def _pad(ctx: Context, module: ModuleType) -> Replacements:
