@@ -35,21 +35,19 @@ def _config_needed(ctx: Context, module: ModuleType) -> Decision:
 
 
 def _config_fields(ctx: Context, module: ModuleType) -> Replacements:
-    out: Replacements = []
-    for cls in config_classes(module):
-        if not _config_fields_missing(cls):
-            continue
-        original = own(cls, "__init__")
+    return [(cls, "__init__", _with_generation_fields(own(cls, "__init__"))) for cls in config_classes(module)
+            if _config_fields_missing(cls)]
 
-        def __init__(self, *args, _original=original, **kwargs):
-            _original(self, *args, **kwargs)
-            if "use_cache" not in self.__dict__:
-                self.use_cache = kwargs.get("use_cache", GENERATION_FIELDS["use_cache"])
-            if "max_length" not in self.__dict__:
-                self.max_length = GENERATION_FIELDS["max_length"]
 
-        out.append((cls, "__init__", __init__))
-    return out
+def _with_generation_fields(original: Any) -> Any:
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if "use_cache" not in self.__dict__:
+            self.use_cache = kwargs.get("use_cache", GENERATION_FIELDS["use_cache"])
+        if "max_length" not in self.__dict__:
+            self.max_length = GENERATION_FIELDS["max_length"]
+
+    return __init__
 
 
 CONFIG_GENERATION_FIELDS = Patch(
@@ -118,19 +116,18 @@ def _checkpointing_needed(ctx: Context, module: ModuleType) -> Decision:
 
 
 def _checkpointing(ctx: Context, module: ModuleType) -> Replacements:
-    out: Replacements = []
-    for cls in _legacy_checkpointing(module):
-        original = own(cls, "_set_gradient_checkpointing")
+    return [(cls, "_set_gradient_checkpointing", _accepting_enable(own(cls, "_set_gradient_checkpointing")))
+            for cls in _legacy_checkpointing(module)]
 
-        def _set_gradient_checkpointing(self, module=None, value=False, enable=None, gradient_checkpointing_func=None,
-                                        _original=original):
-            if enable is None:
-                return _original(self, module, value)
-            for child in self.modules():
-                _original(self, child, enable)
 
-        out.append((cls, "_set_gradient_checkpointing", _set_gradient_checkpointing))
-    return out
+def _accepting_enable(original: Any) -> Any:
+    def _set_gradient_checkpointing(self, module=None, value=False, enable=None, gradient_checkpointing_func=None):
+        if enable is None:
+            return original(self, module, value)
+        for child in self.modules():
+            original(self, child, enable)
+
+    return _set_gradient_checkpointing
 
 
 GRADIENT_CHECKPOINTING_ENABLE = Patch(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from types import ModuleType
+from typing import Any
 
 from .registry import since_transformers, Context, Decision, Patch, Replacements
 from .remote_classes import own, source_of, tokenizer_classes
@@ -32,23 +33,22 @@ def _init_order_needed(ctx: Context, module: ModuleType) -> Decision:
 
 
 def _init_order(ctx: Context, module: ModuleType) -> Replacements:
-    out: Replacements = []
-    for cls in tokenizer_classes(module):
-        attribute = _late_sentencepiece(cls)
-        if attribute is None or not hasattr(module, "SPTokenizer"):
-            continue
-        original, builder = own(cls, "__init__"), module.SPTokenizer
-        accepted = set(inspect.signature(builder).parameters) - {"model_path"}
+    if not hasattr(module, "SPTokenizer"):
+        return []
+    return [(cls, "__init__", _sentencepiece_first(own(cls, "__init__"), attribute, module.SPTokenizer))
+            for cls in tokenizer_classes(module) if (attribute := _late_sentencepiece(cls)) is not None]
 
-        def __init__(self, vocab_file, *args, _original=original, _attribute=attribute, _builder=builder,
-                     _accepted=accepted, **kwargs):
-            if _attribute not in self.__dict__:
-                extra = {k: v for k, v in kwargs.items() if k in _accepted}
-                setattr(self, _attribute, _builder(vocab_file, **extra))
-            _original(self, vocab_file, *args, **kwargs)
 
-        out.append((cls, "__init__", __init__))
-    return out
+def _sentencepiece_first(original: Any, attribute: str, builder: type) -> Any:
+    """Build the wrapper (with the arguments it takes, v1's num_image_tokens) before the original runs."""
+    accepted = set(inspect.signature(builder).parameters) - {"model_path"}
+
+    def __init__(self, vocab_file, *args, **kwargs):
+        if attribute not in self.__dict__:
+            setattr(self, attribute, builder(vocab_file, **{k: v for k, v in kwargs.items() if k in accepted}))
+        original(self, vocab_file, *args, **kwargs)
+
+    return __init__
 
 
 TOKENIZER_INIT_ORDER = Patch(
@@ -72,18 +72,16 @@ def _pad_needed(ctx: Context, module: ModuleType) -> Decision:
 
 
 def _pad(ctx: Context, module: ModuleType) -> Replacements:
-    out: Replacements = []
-    for cls in tokenizer_classes(module):
-        if not _pads_without_side(cls):
-            continue
-        original = own(cls, "_pad")
+    return [(cls, "_pad", _pad_ignoring_side(own(cls, "_pad"))) for cls in tokenizer_classes(module)
+            if _pads_without_side(cls)]
 
-        def _pad_with_side(self, encoded_inputs, *args, padding_side=None, _original=original, **kwargs):
-            """ChatGLM pads on the left whatever is asked; its own _pad asserts it."""
-            return _original(self, encoded_inputs, *args, **kwargs)
 
-        out.append((cls, "_pad", _pad_with_side))
-    return out
+def _pad_ignoring_side(original: Any) -> Any:
+    def _pad(self, encoded_inputs, *args, padding_side=None, **kwargs):
+        """ChatGLM pads on the left whatever is asked; its own _pad asserts it."""
+        return original(self, encoded_inputs, *args, **kwargs)
+
+    return _pad
 
 
 TOKENIZER_PAD_SIDE = Patch(
