@@ -135,7 +135,7 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
             "measured_steps": len(measured),
             "flops_per_token": per_token,
             "peak_tflops": peak,
-            "mfu": None if peak is None else round(mfu(per_token, tokens_per_device, peak), 6),
+            "mfu": None if peak is None else mfu(per_token, tokens_per_device, peak),
             "peak_memory_bytes": peaks,
             "losses": [log.losses.get(step) for step in range(1, workload.total_steps + 1)],
             "grad_norms": [log.grad_norms.get(step) for step in range(1, workload.total_steps + 1)],
