@@ -464,17 +464,11 @@ def _import_remote_code(model: Path, ctx):
     """Import the directory's own classes (no weights) under the patch hook; the hook's decisions."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from glm_portable.jsonfile import read_json_object
     from glm_portable.modeling.remote import check_remote_dir
     from glm_portable.patches import remote_code_patched
 
-    auto_map = dict(check_remote_dir(model)["auto_map"])
-    tokenizer_file = model / "tokenizer_config.json"
-    if tokenizer_file.is_file():
-        classes = read_json_object(tokenizer_file).get("auto_map", {}).get("AutoTokenizer") or []
-        auto_map["AutoTokenizer"] = next((c for c in classes if c), None)
     with remote_code_patched(ctx) as report:
-        for reference in auto_map.values():
+        for reference in check_remote_dir(model).values():
             if isinstance(reference, str):
                 get_class_from_dynamic_module(reference, str(model))
     return report

@@ -40,12 +40,12 @@ def remote_context(backend: Backend, dtype: torch.dtype) -> Context:
 
 
 def check_remote_dir(path: Path) -> dict[str, Any]:
-    """The directory's config, refusing one without remote code (an ``auto_map`` naming its classes)."""
+    """The directory's own classes by Auto class (config.json's ``auto_map`` plus its tokenizer's),
+    refusing a directory without model or tokenizer code, or whose ``auto_map`` names missing files."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no config.json (not a model directory)")
-    config = read_json_object(config_file)
-    auto_map = config.get("auto_map") or {}
+    auto_map = dict(read_json_object(config_file).get("auto_map") or {})
     if not any(key in auto_map for key in ("AutoModel", "AutoModelForCausalLM")):
         raise UserError(f"{config_file}: field auto_map has no AutoModel entry, so the directory carries no model "
                         "code of its own; use --impl native")
@@ -55,10 +55,11 @@ def check_remote_dir(path: Path) -> dict[str, Any]:
             raise UserError(f"{config_file}: auto_map names {module}.py, which is not in {path}")
     tokenizer_file = Path(path) / "tokenizer_config.json"
     tokenizer_map = read_json_object(tokenizer_file).get("auto_map", {}) if tokenizer_file.is_file() else {}
-    if not tokenizer_map.get("AutoTokenizer"):
+    tokenizer = next((c for c in tokenizer_map.get("AutoTokenizer") or [] if c), None)
+    if not tokenizer:
         raise UserError(f"{path}: no tokenizer code of its own (tokenizer_config.json with auto_map.AutoTokenizer); "
                         "use --impl native")
-    return config
+    return {**auto_map, "AutoTokenizer": tokenizer}
 
 
 def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | None = None,
@@ -71,7 +72,7 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = Path(path)
-    auto_map = check_remote_dir(path)["auto_map"]
+    auto_map = check_remote_dir(path)
     dtype = resolve_dtype(dtype, backend)
     with remote_code_patched(remote_context(backend, dtype)) as imported:
         tokenizer = _tokenizer(path)
