@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from glm_portable.errors import GlmPortableError, UserError
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, typer_command
+from glm_portable.serving.options import ExportOptions, ServeOptions
 
 app = typer.Typer(
     name="glm-portable",
@@ -30,13 +32,8 @@ def _root() -> None:
     """Fine-tune ChatGLM models on CUDA GPUs, Ascend NPUs or CPUs with the same commands."""
 
 
-DeviceOption = typer.Option(
-    None, "--device", help="auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
-)
-
-
-ImplOption = typer.Option("native", "--impl", help="native (glm-portable's model) or remote (the model directory's own "
-                          "modeling_chatglm.py, patched for this transformers and device).")
+DeviceOption = typer.Option(None, "--device", help=DEVICE_HELP)
+ImplOption = typer.Option("native", "--impl", help=IMPL_HELP)
 
 
 @app.command("env")
@@ -419,6 +416,31 @@ def compare_command(
             err_console.print(f"[yellow]{entry['name']} does not align with {summary['baseline']}[/]")
 
 
+def _serve(options: ServeOptions) -> None:
+    from glm_portable.serving.server import serve
+
+    def ready(url: str, description: str) -> None:
+        print(f"serving {description} at {url} (chat page {url}/, OpenAI API {url}/v1); Ctrl-C stops", flush=True)
+
+    serve(options, ready)
+    console.print("server stopped")
+
+
+def _export(options: ExportOptions) -> None:
+    from glm_portable.serving.export import export
+
+    with console.status(f"exporting {options.checkpoint} onto {options.model}"):
+        out, method = export(options)
+    console.print(f"wrote {method} model directory [bold]{out}[/] (upstream layout)")
+
+
+app.command("serve")(typer_command(ServeOptions, _serve,
+                                   "Serve a model (and its checkpoint) over an OpenAI-compatible API and a chat page."))
+app.command("export")(typer_command(ExportOptions, _export,
+                                    "Merge a LoRA adapter or add a P-Tuning prefix: one model directory in upstream "
+                                    "layout."))
+
+
 @app.command("patches")
 def patches_command(
     model: Optional[Path] = typer.Option(None, help="A model directory whose own code (auto_map) is checked too."),
@@ -520,6 +542,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except GlmPortableError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

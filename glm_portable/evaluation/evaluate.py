@@ -19,6 +19,7 @@ from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
+from glm_portable.training.methods import detect_method
 from glm_portable.training.run_dir import complete_checkpoints
 
 from .generation import evaluation_settings, generate_batched
@@ -56,11 +57,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Backend,
                        dtype: Optional[str | torch.dtype], impl: str = "native") -> torch.nn.Module:
-    """The base model plus what the checkpoint trained: a LoRA adapter, a P-Tuning prefix, or full weights.
-
-    A checkpoint whose config sets pre_seq_len is a prefix checkpoint (ours and THUDM's alike); one
-    with an adapter_config.json is a LoRA adapter; anything else is a whole model directory.
-    ``impl`` "remote" runs the directory's own model code (patched) instead of the native one.
+    """The base model plus what the checkpoint trained: a LoRA adapter, a P-Tuning prefix, or full weights
+    (``detect_method``). ``impl`` "remote" runs the directory's own model code (patched) instead of the native one.
     """
     def base(path: Path = model_dir, **prefix) -> torch.nn.Module:
         if impl == "remote":
@@ -70,12 +68,13 @@ def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Bac
     if checkpoint is None:
         return base()
     checkpoint = resolve_checkpoint(checkpoint)
-    if (checkpoint / "adapter_config.json").is_file():
+    method = detect_method(checkpoint)
+    if method == "lora":
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base(), str(checkpoint)).eval()
-    config = read_json_object(checkpoint / "config.json") if (checkpoint / "config.json").is_file() else {}
-    if config.get("pre_seq_len"):
+    if method == "ptuning":
+        config = read_json_object(checkpoint / "config.json")
         model = base(pre_seq_len=config["pre_seq_len"], prefix_projection=bool(config.get("prefix_projection")))
         load_prefix(model, checkpoint)
         return model.eval()

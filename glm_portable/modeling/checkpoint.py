@@ -7,6 +7,7 @@ never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -141,3 +142,15 @@ def write_weights(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names + [SAFE_INDEX]
+
+
+MODEL_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "*.py")
+
+
+def copy_model_files(base_dir: Path, directory: Path) -> None:
+    """The base directory's tokenizer and remote-code files that ``directory`` does not have yet, so that a
+    saved model is a model directory of its own (what `chat --model`, `--impl remote` and upstream loaders expect)."""
+    for pattern in MODEL_FILES:
+        for source in Path(base_dir).glob(pattern):
+            if source.is_file() and not (directory / source.name).exists():
+                shutil.copy2(source, directory / source.name)

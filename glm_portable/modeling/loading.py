@@ -12,7 +12,7 @@ from glm_portable.atomic import atomic_directory
 from glm_portable.backends import Backend, select_backend
 from glm_portable.errors import UserError
 
-from .checkpoint import iter_state_dict, load_weights, write_weights
+from .checkpoint import copy_model_files, iter_state_dict, load_weights, write_weights
 from .config import ChatGLMConfig, load_config
 from .model import ChatGLMForConditionalGeneration
 from .prefix import PREFIX_KEY
@@ -117,8 +117,10 @@ def save_model(
     max_shard_bytes: Optional[int] = None,
     num_shards: Optional[int] = None,
     overwrite: bool = False,
+    files_from: Optional[Path] = None,
 ) -> Path:
-    """Save config.json, safetensors weights under upstream key names (sharded with an index) and the tokenizer."""
+    """Save config.json, safetensors weights under upstream key names (sharded with an index) and the tokenizer;
+    with ``files_from``, also that directory's tokenizer extras and code files (``copy_model_files``)."""
     with atomic_directory(out_dir, overwrite) as tmp:
         state = model.state_dict()
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -126,6 +128,8 @@ def save_model(
         write_weights(state, tmp, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if files_from is not None:
+            copy_model_files(files_from, tmp)
     return Path(out_dir)
 
 

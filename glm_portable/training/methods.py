@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,8 +10,9 @@ import torch
 
 from glm_portable.backends import Backend
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
-from glm_portable.modeling.checkpoint import load_weights, write_weights
+from glm_portable.modeling.checkpoint import copy_model_files, load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY
 from glm_portable.modeling.remote import load_remote
 
@@ -53,6 +53,18 @@ def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, loc
     return model
 
 
+def detect_method(checkpoint: Path) -> str:
+    """What a checkpoint holds: "lora" (an adapter_config.json), "ptuning" (a config that sets pre_seq_len,
+    ours and THUDM's alike) or "full" (a whole model directory)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / ADAPTER_CONFIG).is_file():
+        return "lora"
+    config_file = checkpoint / "config.json"
+    if config_file.is_file() and read_json_object(config_file).get("pre_seq_len"):
+        return "ptuning"
+    return "full"
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -74,20 +86,9 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path,
         _save_config(model.config, directory, dtype="float32")
         write_weights(state_dict if state_dict is not None else model.state_dict(), directory)
         if base_dir is not None:
-            _copy_model_files(base_dir, directory)
+            copy_model_files(base_dir, directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
-
-
-MODEL_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "*.py")
-
-
-def _copy_model_files(base_dir: Path, directory: Path) -> None:
-    """The base directory's tokenizer and remote-code files that the checkpoint does not have yet."""
-    for pattern in MODEL_FILES:
-        for source in Path(base_dir).glob(pattern):
-            if source.is_file() and not (directory / source.name).exists():
-                shutil.copy2(source, directory / source.name)
 
 
 def _save_config(config: Any, directory: Path, dtype: Optional[str] = None) -> None:

@@ -1,0 +1,131 @@
+"""One definition per option: a dataclass field carries its type, default, help, choices and bounds.
+
+A command's options are a dataclass whose fields are made with ``option()``; ``typer_command``
+derives the command-line flags from it and ``validate`` checks bounds and choices, so an option
+is written once and the CLI, ``--config`` YAML keys and library callers all see the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypeVar, get_args, get_origin
+
+import typer
+
+from glm_portable.errors import UserError
+
+T = TypeVar("T")
+_REQUIRED = dataclasses.MISSING
+DEVICE_HELP = "auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
+IMPL_HELP = ("native (glm-portable's model) or remote (the model directory's own modeling_chatglm.py, patched for "
+             "this transformers and device).")
+
+
+def option(default: Any = _REQUIRED, help: str = "", *, minimum: Optional[float] = None,
+           maximum: Optional[float] = None, envvar: Optional[str] = None, argument: bool = False) -> Any:
+    """A dataclass field that is also a command-line option (``--field-name``), or a positional ``argument``.
+
+    ``minimum`` / ``maximum`` are inclusive bounds checked by ``validate``; ``envvar`` lets the
+    environment supply the value (for secrets that should not appear in a process list).
+    """
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "envvar": envvar, "argument": argument}
+    if default is _REQUIRED:
+        return dataclasses.field(metadata=metadata)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_types(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return annotation, False
+
+
+def choices_of(annotation: Any) -> Optional[tuple[Any, ...]]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) field, else None."""
+    inner, _ = _unwrap_optional(annotation)
+    return get_args(inner) if get_origin(inner) is Literal else None
+
+
+def validate(options: Any) -> None:
+    """Check every field's choices and bounds; one UserError naming the flag and what was expected."""
+    types = _field_types(type(options))
+    for spec in dataclasses.fields(options):
+        value = getattr(options, spec.name)
+        if value is None:
+            continue
+        allowed = choices_of(types[spec.name])
+        if allowed is not None and value not in allowed:
+            raise UserError(f"{flag(spec.name)} {value!r}: expected one of {', '.join(map(str, allowed))}")
+        if isinstance(value, float) and math.isnan(value):
+            raise UserError(f"{flag(spec.name)} must be a number, got nan")
+        low, high = spec.metadata.get("minimum"), spec.metadata.get("maximum")
+        if low is not None and value < low:
+            raise UserError(f"{flag(spec.name)} must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise UserError(f"{flag(spec.name)} must be at most {high}, got {value}")
+
+
+def _parameter(spec: dataclasses.Field, annotation: Any) -> inspect.Parameter:
+    default = ... if spec.default is _REQUIRED and spec.default_factory is _REQUIRED else (
+        spec.default if spec.default is not _REQUIRED else spec.default_factory())
+    help_text = spec.metadata.get("help", "")
+    allowed = choices_of(annotation)
+    extra: dict[str, Any] = {}
+    if allowed is not None:
+        annotation = Optional[str] if _unwrap_optional(annotation)[1] else str
+        help_text = f"{help_text} ({'|'.join(map(str, allowed))})"
+    if spec.metadata.get("envvar"):
+        extra["envvar"] = spec.metadata["envvar"]
+    if spec.metadata.get("argument"):
+        value = typer.Argument(default, help=help_text, **extra)
+    elif annotation is bool:
+        value = typer.Option(default, f"{flag(spec.name)}/{flag('no_' + spec.name)}", help=help_text, **extra)
+    else:
+        value = typer.Option(default, flag(spec.name), help=help_text, **extra)
+    return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation)
+
+
+def typer_command(schema: type[T], run: Callable[[T], None], doc: str) -> Callable[..., None]:
+    """A function typer turns into a command with one flag per field of ``schema``; it builds the
+    options, validates them (``validate`` then the schema's own ``check()``) and calls ``run``."""
+    types = _field_types(schema)
+    parameters = [_parameter(spec, types[spec.name]) for spec in dataclasses.fields(schema)]
+
+    def command(**values: Any) -> None:
+        converted = {name: _convert(types[name], value) for name, value in values.items()}
+        options = schema(**converted)
+        validate(options)
+        check = getattr(options, "check", None)
+        if check is not None:
+            check()
+        run(options)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = doc
+    command.__name__ = schema.__name__
+    return command
+
+
+def _convert(annotation: Any, value: Any) -> Any:
+    """Path fields given as strings (YAML) become Paths; everything else is as click parsed it."""
+    inner, _ = _unwrap_optional(annotation)
+    if inner is Path and isinstance(value, str):
+        return Path(value)
+    return value
