@@ -69,7 +69,8 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     With ``pre_seq_len`` the remote PrefixEncoder is built (P-Tuning v2) and freshly initialised in
     fp32, as THUDM's recipe trains it; the base is frozen by the remote code itself.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     path = Path(path)
     auto_map = check_remote_dir(path)
@@ -80,8 +81,9 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
         config.use_cache = True  # a checkpoint may carry training's false; the remote code needs it to generate
         if pre_seq_len is not None:
             config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
-        loader = AutoModel if "AutoModel" in auto_map else AutoModelForCausalLM
-        model = loader.from_pretrained(str(path), config=config, trust_remote_code=True, **_dtype_argument(dtype))
+        reference = auto_map["AutoModel" if "AutoModel" in auto_map else "AutoModelForCausalLM"]
+        model_class = _with_generation(get_class_from_dynamic_module(reference, str(path)))
+        model = model_class.from_pretrained(str(path), config=config, **_dtype_argument(dtype))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
     encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
@@ -92,6 +94,17 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
         encoder.float()
     model = model.to(backend.device(local_rank))
     return RemoteModel(model.eval(), tokenizer, imported.applied)
+
+
+def _with_generation(model_class: type) -> type:
+    """The class as the Auto classes hand it out, with ``GenerationMixin`` added where transformers (4.45+) no
+    longer gives it to every model. Resolved here rather than through ``AutoModel``: once a directory's config
+    class is registered, a second AutoModel load in the same process returns the registered class without it."""
+    try:
+        from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
+    except ImportError:  # before 4.45 every PreTrainedModel is a GenerationMixin
+        return model_class
+    return add_generation_mixin_to_remote_model(model_class)
 
 
 def load_remote_tokenizer(path: str | Path, backend: Backend) -> Any:

@@ -112,12 +112,18 @@ def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
 def _safe_end(text: str, stops: Sequence[str]) -> int:
     """How much of ``text`` can be shown: not a partly decoded character, not trailing whitespace
     (the final answer is stripped), not a tail that may be the start of a stop string."""
-    end = len(text.rstrip().rstrip(_UNFINISHED_BYTES))
+    end = _trimmed(text, len(text))
     for stop in stops:
         for size in range(min(len(stop) - 1, end), 0, -1):
             if text[:end].endswith(stop[:size]):
                 end -= size
                 break
+    return _trimmed(text, end)
+
+
+def _trimmed(text: str, end: int) -> int:
+    while end and (text[end - 1].isspace() or text[end - 1] == _UNFINISHED_BYTES):
+        end -= 1
     return end
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from glm_portable.backends import select_backend
 from glm_portable.errors import UserError
@@ -59,7 +61,20 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     try:
         on_ready(url, f"{settings.model_name} ({tokenizer.family}, {options.impl}) on {selection.backend.name}, "
                       f"up to {options.max_batch_size} requests a batch")
-        server.run(sockets=[sock])
+        with _stop_signals_end_quietly():
+            server.run(sockets=[sock])
     finally:
         engine.stop()
         sock.close()
+
+
+@contextmanager
+def _stop_signals_end_quietly() -> Iterator[None]:
+    """uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the handler that
+    was there before it; a no-op handler there makes a requested stop end the command normally (exit 0)."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
