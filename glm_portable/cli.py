@@ -17,9 +17,12 @@ from glm_portable.errors import GlmPortableError, UserError
 from glm_portable.schema import DEVICE_HELP, IMPL_HELP, typer_command
 from glm_portable.serving.options import ExportOptions, ServeOptions
 
+CONFIG_HELP = ("Every command's options may also come from a YAML file: --config FILE.yaml (or the file right after "
+               "the command, `glm-portable train run.yaml`), with keys named as the options (max-steps: 100); "
+               "options given on the command line win.")
 app = typer.Typer(
     name="glm-portable",
-    help="Fine-tune ChatGLM models on CUDA GPUs, Ascend NPUs or CPUs with the same commands.",
+    help="Fine-tune ChatGLM models on CUDA GPUs, Ascend NPUs or CPUs with the same commands. " + CONFIG_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -71,6 +74,10 @@ def env_command(
         for key, value in report["environment"].items():
             env_table.add_row(key, value)
         console.print(env_table)
+    cpu = report["cpu"]
+    console.print(f"cpu: {cpu['torch_threads']} torch threads, {cpu['cores']} cores, load {cpu['load_1min']}")
+    if cpu["warning"]:
+        err_console.print(f"[yellow]warning:[/] {escape(cpu['warning'])}")
 
 
 @app.command("make-tiny-model")
@@ -164,7 +171,7 @@ def train_command(
     prefix_projection: bool = typer.Option(False, help="P-Tuning with the two-layer prefix projection."),
     lora_rank: int = typer.Option(8), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.1),
     lora_target: str = typer.Option("query_key_value", help="Comma-separated module names LoRA adapts."),
-    lr: float = typer.Option(2e-2, help="Learning rate (THUDM P-Tuning: 2e-2; LoRA: try 1e-4 to 5e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default by method: ptuning 2e-2, lora 1e-4, full 1e-4)."),
     batch_size: int = typer.Option(1, help="Per-process batch size."),
     grad_accum: int = typer.Option(16, help="Gradient accumulation steps."),
     max_steps: int = typer.Option(3000), warmup_steps: int = typer.Option(0),
@@ -180,11 +187,14 @@ def train_command(
     overwrite: bool = typer.Option(False, help="Replace an existing run in --output."),
     dry_run: bool = typer.Option(False, help="Print the plan (processes, devices, environment, precision, data) and exit."),
 ) -> None:
-    """Fine-tune with P-Tuning v2 or LoRA on one card or many (same command on CPU, GPU and NPU)."""
+    """Fine-tune with P-Tuning v2, LoRA or full fine-tuning on one card or many (same command on CPU, GPU and NPU).
+
+    Options may also come from a YAML file: --config run.yaml, or `glm-portable train run.yaml`; flags win.
+    """
     from glm_portable.backends import select_backend
     from glm_portable.training.launcher import dry_run_plan, is_launched_child, launch, plan
     from glm_portable.training.options import TrainOptions
-    from glm_portable.training.run_dir import resolve_resume
+    from glm_portable.training.run_dir import refuse_finished, resolve_resume
     from glm_portable.training.trainer import run_identity, run_training
 
     options = TrainOptions(
@@ -204,7 +214,9 @@ def train_command(
     selection = select_backend(device)
     if (nproc > 1 or nnodes > 1 or options.deepspeed) and not is_launched_child():
         plan(options, selection.backend, selection.reason)
-        resolve_resume(options.output, run_identity(options), options.resume, options.overwrite, nproc * nnodes)
+        checkpoint = resolve_resume(options.output, run_identity(options), options.resume, options.overwrite,
+                                    nproc * nnodes)
+        refuse_finished(options.output, checkpoint, options.max_steps)
         console.print(f"launching {nproc} × {nnodes} processes on {selection.backend.name}")
         raise typer.Exit(launch(options, selection.backend, sys.argv[1:]))
     result = run_training(options, selection.backend, selection.reason)
@@ -225,6 +237,8 @@ def evaluate_command(
     sample: bool = typer.Option(False, help="Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy."),
     top_p: float = typer.Option(0.7), temperature: float = typer.Option(0.95), seed: int = typer.Option(42),
     max_source_length: int = typer.Option(64, help="Prompt length for raw files."),
+    max_target_length: int = typer.Option(128, help="Answer tokens the references are cut to, for raw files "
+                                          "(THUDM's scoring; preprocessed data carries its own)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N rows only."),
     impl: str = ImplOption,
 ) -> None:
@@ -241,7 +255,8 @@ def evaluate_command(
     start_process(selection.backend)
     options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
                           sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
-                          max_source_length=max_source_length, limit=limit, impl=impl)
+                          max_source_length=max_source_length, max_target_length=max_target_length, limit=limit,
+                          impl=impl)
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:
         task = bars.add_task("generating", total=None)
@@ -298,7 +313,12 @@ def chat_command(
             pass
         print(answer)
         return
-    console.print(f"{family} ({impl}) on {selection.backend.name}. Type /clear to forget the conversation, /exit to leave.")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    console.print(f"{family} ({impl}) on {selection.backend.name}. Type /clear to forget the conversation, /exit "
+                  "to leave; Ctrl-C stops an answer, and quits at the prompt.")
     history: list = []
     while True:
         try:
@@ -313,10 +333,14 @@ def chat_command(
             continue
         if not text:
             continue
-        shown = ""
-        for answer, updated in turns(text, history):
-            print(answer[len(shown):] if answer.startswith(shown) else "\n" + answer, end="", flush=True)
-            shown, history = answer, updated
+        shown, stream = "", turns(text, history)
+        try:
+            for answer, updated in stream:
+                print(answer[len(shown):] if answer.startswith(shown) else "\n" + answer, end="", flush=True)
+                shown, history = answer, updated
+        except KeyboardInterrupt:
+            stream.close()  # ends the generation before the next question starts one
+            print(" [stopped]", end="", flush=True)
         print()
 
 
@@ -364,7 +388,7 @@ def bench_command(
     target_length: int = typer.Option(128, help="Answer tokens per sample (THUDM: 128)."),
     pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
     lora_rank: int = typer.Option(8, help="LoRA rank."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: ptuning 2e-2, lora 2e-4, full 1e-5)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default by method: ptuning 2e-2, lora 1e-4, full 1e-4)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations to save memory."),
     nproc: int = typer.Option(1, help="Processes (cards) on this node."),
     master_port: int = typer.Option(29500),
@@ -499,15 +523,20 @@ def _import_remote_code(model: Path, ctx):
 def config_defaults(argv: list[str]) -> dict[str, dict]:
     """``--config FILE.yaml`` anywhere on the line: its keys become the command's defaults, so flags win.
 
-    Keys are option names with dashes or underscores (``max-steps`` or ``max_steps``).
+    Keys are option names with dashes or underscores (``max-steps`` or ``max_steps``). A YAML file
+    right after the command (``glm-portable train run.yaml``, as LLaMA-Factory users type) is read the same way.
     """
-    if "--config" not in argv:
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UserError("--config needs a YAML file")
+        path = Path(argv[index + 1])
+        del argv[index:index + 2]
+    elif command_at is not None and command_at + 1 < len(argv) and argv[command_at + 1].endswith((".yaml", ".yml")):
+        path = Path(argv.pop(command_at + 1))
+    else:
         return {}
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
-        raise UserError("--config needs a YAML file")
-    path = Path(argv[index + 1])
-    del argv[index:index + 2]
     import yaml
 
     try:
@@ -540,7 +569,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         args = list(sys.argv[1:] if argv is None else argv)
         app(args=args, default_map=config_defaults(args))
     except GlmPortableError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        label = "" if exc.exit_code == 0 else "[bold red]error:[/] "
+        err_console.print(f"{label}{escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

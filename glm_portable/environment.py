@@ -54,6 +54,26 @@ def cann_version() -> str | None:
     return None
 
 
+def cpu_threads() -> dict[str, Any]:
+    """torch's intra-op threads against the cores this process may use and those the machine's load leaves free.
+
+    More threads than free cores make every thread wait for the others: on a shared CPU fp32 training
+    runs many times slower than with fewer threads, which looks like a slow tool rather than a busy machine.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, int(cores - load + 0.5))
+    threads = torch.get_num_threads()
+    warning = None
+    if threads > free:
+        warning = (f"torch uses {threads} threads but only about {free} of {cores} cores are free (load {load:.1f}); "
+                   f"set OMP_NUM_THREADS={free} (or fewer) for steadier speed")
+    return {"torch_threads": threads, "cores": cores, "load_1min": round(load, 2), "free_cores": free,
+            "warning": warning}
+
+
 def environment_report(requested: str | None = None) -> dict[str, Any]:
     """Everything as plain data, so that --json and the table print the same facts."""
     backends = {}
@@ -80,4 +100,5 @@ def environment_report(requested: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": {**library_versions(), "cann": cann_version()},
         "environment": {key: os.environ.get(key) for key in ENV_VARS if os.environ.get(key) is not None},
+        "cpu": cpu_threads(),
     }

@@ -15,3 +15,9 @@ class UserError(GlmPortableError):
 
 class TrainingStopped(GlmPortableError):
     """Training stopped itself cleanly (a non-finite loss); the message says where and what was kept."""
+
+
+class NothingToDo(GlmPortableError):
+    """The command has nothing left to do (a finished run resumed); the message says why (exit code 0)."""
+
+    exit_code = 0

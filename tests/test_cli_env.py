@@ -59,3 +59,17 @@ def test_npu_through_the_double_is_selected_and_torch_npu_never_imported_for_cpu
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_env_warns_when_torch_threads_exceed_the_free_cores(monkeypatch):
+    import torch
+
+    from glm_portable.environment import cpu_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    report = cpu_threads()
+    assert report["free_cores"] == 2 and "OMP_NUM_THREADS=2" in report["warning"]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cpu_threads()["warning"] is None

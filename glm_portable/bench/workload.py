@@ -16,7 +16,7 @@ from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLMConfig, load_config
 from glm_portable.modeling.model import IGNORE_INDEX
 from glm_portable.modeling.tiny import tiny_config
-from glm_portable.training.options import METHODS
+from glm_portable.training.options import DEFAULT_LR, METHODS
 
 # ChatGLM2 architecture throughout; "1b" is a 1.1B-parameter cut of it for full fine-tuning on one card.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -26,7 +26,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 TINY = "tiny"
 SHAPE_NAMES = (TINY, *SHAPES)
-DEFAULT_LR = {"ptuning": 2e-2, "lora": 2e-4, "full": 1e-5}
 FIRST_ID = 3  # after the pad/unk, bos and eos ids
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
                        "multi_query_group_num", "padded_vocab_size")

@@ -11,7 +11,7 @@ from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: eval splits carry THUDM's cut references and the full ones
 
 
 def file_sha256(path: str | Path) -> str:

@@ -104,6 +104,7 @@ def _encode(template, tokenizer, examples: list[Example], options: PreprocessOpt
         total.input_ids += part.input_ids
         total.labels += part.labels
         total.references += part.references
+        total.full_references += part.full_references
         total.source_truncated += part.source_truncated
         total.target_truncated += part.target_truncated
         if progress:
@@ -144,7 +145,8 @@ def _save_split(encoded: Encoded, train: bool, directory: Path, num_shards: int,
         table = pa.table({"input_ids": ids, "labels": labels})
         label_tokens = int((label_values >= 0).sum())
     else:
-        table = pa.table({"input_ids": ids, "reference": pa.array(encoded.references, type=pa.string())})
+        table = pa.table({"input_ids": ids, "reference": pa.array(encoded.references, type=pa.string()),
+                          "reference_full": pa.array(encoded.full_references, type=pa.string())})
         label_tokens = None
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint)
     shards = max(1, min(num_shards, len(dataset)))

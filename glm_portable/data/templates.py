@@ -3,7 +3,8 @@
 - chatglm2: ``[gMASK] sop`` + the round prompt cut to max_source, the answer cut to max_target, eos;
   labels only on the answer and eos (THUDM ChatGLM2 ptuning/main.py).
 - chatglm3: role tokens per message; labels on assistant messages and the token after each, the
-  whole cut to max_source + max_target + 1 (THUDM ChatGLM3 finetune_demo).
+  whole cut to max_source + max_target + 1 (THUDM ChatGLM3 finetune_demo); evaluation rows per
+  assistant turn.
 - chatglm (ChatGLM-6B): prompt + ``[gMASK] sop`` + answer + ``eop``; labels from ``sop`` on.
 """
 
@@ -23,13 +24,24 @@ from .formats import Example
 
 @dataclass
 class Encoded:
-    """Unpadded rows plus what was cut; ``labels`` is empty for evaluation rows, ``references`` for training rows."""
+    """Unpadded rows plus what was cut; ``labels`` is empty for evaluation rows, the references for training rows.
+
+    ``references`` are what THUDM scores against: the answer tokenized with max_target_length (the
+    special tokens counted) and decoded back; ``full_references`` are the answers as written.
+    """
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
+    full_references: list[str] = field(default_factory=list)
     source_truncated: int = 0
     target_truncated: int = 0
+
+
+def cut_references(tokenizer, answers: Sequence[str], max_target: int, num_threads: int = 1) -> list[str]:
+    """THUDM's evaluation labels for ChatGLM2 and ChatGLM-6B: the answer encoded with max_target_length and
+    truncation, where the two special tokens its tokenizer adds count toward the length, then decoded."""
+    return [tokenizer.decode(ids[: max(max_target - 2, 0)]) for ids in tokenizer.encode_batch(answers, num_threads)]
 
 
 def split_turn(messages: Sequence[dict]) -> tuple[str, list[dict], str, str]:
@@ -88,7 +100,9 @@ class ChatGLM2Rounds(Template):
 
     def encode_eval(self, tokenizer, examples, max_source, max_target, source_prefix="", num_threads=1):
         turns, sources, cut = self._prompts(tokenizer, examples, max_source, source_prefix, num_threads)
-        return Encoded(input_ids=sources, references=[answer for *_, answer in turns], source_truncated=cut)
+        answers = [answer for *_, answer in turns]
+        return Encoded(input_ids=sources, references=cut_references(tokenizer, answers, max_target, num_threads),
+                       full_references=answers, source_truncated=cut)
 
 
 class ChatGLM3Roles(Template):
@@ -139,15 +153,25 @@ class ChatGLM3Roles(Template):
         return out
 
     def encode_eval(self, tokenizer, examples, max_source, max_target, source_prefix="", num_threads=1):
-        conversations = [conv[:-1] for conv in self._messages(examples, source_prefix)]
-        assistant, prefix = tokenizer.get_command("<|assistant|>"), tokenizer.prefix_ids
-        out = Encoded(references=[e.messages[-1]["content"] for e in examples])
-        for encoded in self._encode_messages(tokenizer, conversations, num_threads):
-            ids = prefix + [t for _, message_ids in encoded for t in message_ids] + [assistant]
-            if len(ids) > max_source:
-                out.source_truncated += 1
-                ids = ids[: max_source - 1] + [assistant]
-            out.input_ids.append(ids)
+        """One row per assistant turn, as ChatGLM3's finetune_demo evaluates: the conversation before it, cut to
+        max_source, then ``<|assistant|>``; the reference is the turn's metadata line, content and eos cut to
+        max_target, decoded. Turns reached only after the prompt has filled max_source are dropped (counted)."""
+        conversations = list(self._messages(examples, source_prefix))
+        assistant, eos = tokenizer.get_command("<|assistant|>"), tokenizer.eos_token_id
+        out = Encoded()
+        for conversation, encoded in zip(conversations, self._encode_messages(tokenizer, conversations, num_threads)):
+            ids = list(tokenizer.prefix_ids)
+            for message, (role, message_ids) in zip(conversation, encoded):
+                if len(ids) >= max_source:
+                    out.source_truncated += 1
+                    break
+                if role == "assistant":
+                    answer = (message_ids[1:] + [eos])[:max_target]
+                    out.input_ids.append(ids[:max_source] + [assistant])
+                    out.references.append(tokenizer.decode(answer).strip())
+                    out.full_references.append(message["content"])
+                    out.target_truncated += len(message_ids) > max_target
+                ids += message_ids
         return out
 
 
@@ -189,7 +213,9 @@ class ChatGLM1(Template):
     def encode_eval(self, tokenizer, examples, max_source, max_target, source_prefix="", num_threads=1):
         turns, sources, cut = self._sources(tokenizer, examples, max_source, source_prefix, num_threads, 2)
         gmask, sop = tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")
-        return Encoded(input_ids=[s + [gmask, sop] for s in sources], references=[a for *_, a in turns],
+        answers = [a for *_, a in turns]
+        return Encoded(input_ids=[s + [gmask, sop] for s in sources],
+                       references=cut_references(tokenizer, answers, max_target, num_threads), full_references=answers,
                        source_truncated=cut)
 
 

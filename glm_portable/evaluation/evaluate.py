@@ -23,10 +23,11 @@ from glm_portable.training.methods import detect_method
 from glm_portable.training.run_dir import complete_checkpoints
 
 from .generation import evaluation_settings, generate_batched
-from .metrics import score
+from .metrics import METRIC_KEYS, score
 
 PREDICTIONS = "generated_predictions.txt"
 RESULTS = "eval_results.json"
+THUDM_RESULTS = ("predict_results.json", "all_results.json")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EvalOptions:
     sampling: GenerationSettings = field(default_factory=evaluation_settings)
     dtype: Optional[str] = None
     max_source_length: int = 64
+    max_target_length: int = 128
     limit: Optional[int] = None
     impl: str = "native"
 
@@ -81,48 +83,69 @@ def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Bac
     return base(checkpoint)
 
 
-def evaluation_rows(options: EvalOptions, tokenizer) -> tuple[list[list[int]], list[str]]:
+@dataclass
+class EvalRows:
+    prompts: list[list[int]]
+    references: list[str]
+    full_references: list[str]
+
+
+def evaluation_rows(options: EvalOptions, tokenizer) -> EvalRows:
     if options.data.is_dir():
         check_compatible(options.data, tokenizer, template_for(tokenizer).name, options.model)
         dataset = load_preprocessed(options.data, "eval")
-        prompts, references = dataset["input_ids"], dataset["reference"]
+        rows = EvalRows(dataset["input_ids"], dataset["reference"], dataset["reference_full"])
     else:
-        encoded = encode_eval_file(options.data, tokenizer, max_source_length=options.max_source_length)
-        prompts, references = encoded.input_ids, encoded.references
-    if options.limit:
-        prompts, references = prompts[: options.limit], references[: options.limit]
-    return [list(p) for p in prompts], list(references)
+        encoded = encode_eval_file(options.data, tokenizer, max_source_length=options.max_source_length,
+                                   max_target_length=options.max_target_length)
+        rows = EvalRows(encoded.input_ids, encoded.references, encoded.full_references)
+    end = options.limit or None
+    return EvalRows([list(p) for p in rows.prompts[:end]], list(rows.references[:end]),
+                    list(rows.full_references[:end]))
 
 
 def write_outputs(output: Path, predictions: list[str], references: list[str], results: dict[str, Any]) -> None:
-    """THUDM's generated_predictions.txt (one {"labels", "predict"} object a line) and the results JSON."""
+    """THUDM's files (generated_predictions.txt, one {"labels", "predict"} object a line; predict_results.json
+    and all_results.json with ``predict_``-prefixed keys) and ours (eval_results.json)."""
     output.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for p, l in zip(predictions, references))
     write_text_atomic(output / PREDICTIONS, lines)
+    thudm = {f"predict_{k}": results[k] for k in METRIC_KEYS}
+    thudm.update(predict_runtime=results["generation_seconds"], predict_samples=results["samples"],
+                 predict_samples_per_second=results["samples_per_second"])
+    for name in THUDM_RESULTS:
+        write_json_object(output / name, thudm)
     write_json_object(output / RESULTS, results)
 
 
 def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Module] = None,
              on_batch: Optional[Callable[[int], None]] = None, on_start: Optional[Callable[[int], None]] = None
              ) -> dict[str, Any]:
-    """Generate, score and write; ``model`` skips loading (to evaluate a model already in memory)."""
+    """Generate, score and write; ``model`` skips loading (to evaluate a model already in memory).
+
+    The scores at the top level are THUDM's (references cut to max_target_length tokens, as published
+    tables were computed); ``full_reference`` holds the same scores against the answers as written.
+    """
     if options.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
     tokenizer = load_tokenizer(options.model)
-    prompts, references = evaluation_rows(options, tokenizer)
+    rows = evaluation_rows(options, tokenizer)
     if model is None:
         model = load_for_inference(options.model, options.checkpoint, backend, options.dtype, options.impl)
     model.eval()
     if on_start:
-        on_start(len(prompts))
+        on_start(len(rows.prompts))
     started = time.perf_counter()
-    predictions = generate_batched(model, tokenizer, prompts, options.batch_size, options.sampling, on_batch)
+    predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, options.sampling, on_batch)
     seconds = time.perf_counter() - started
-    results = {**score(predictions, references).summary(),
-               "generation_seconds": round(seconds, 3), "samples_per_second": round(len(prompts) / seconds, 3),
+    full = score(predictions, rows.full_references).summary()
+    results = {**score(predictions, rows.references).summary(),
+               "references": "THUDM's: the answer cut to max_target_length tokens (special tokens counted), decoded",
+               "full_reference": {k: full[k] for k in METRIC_KEYS},
+               "generation_seconds": round(seconds, 3), "samples_per_second": round(len(rows.prompts) / seconds, 3),
                "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
                             "data": str(options.data), "device": backend.name, "impl": options.impl,
                             "batch_size": options.batch_size, "patches": list(APPLIED.names),
                             **asdict(options.sampling)}}
-    write_outputs(options.output, predictions, references, results)
+    write_outputs(options.output, predictions, rows.references, results)
     return results

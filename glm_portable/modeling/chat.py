@@ -8,6 +8,7 @@ from queue import Queue
 from typing import Iterator, Optional, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .model import ChatGLMForConditionalGeneration
 from .prompts import Message, chat_input_ids
@@ -75,6 +76,16 @@ class _QueueStreamer:
         self.queue.put(None)
 
 
+class _WhenSet(StoppingCriteria):
+    """Stops every row once the event is set: how a caller ends a streamed answer early."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_chat(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, query: str,
                 history: Sequence[Message] = (), settings: Optional[GenerationSettings] = None
                 ) -> Iterator[tuple[str, list[Message]]]:
@@ -83,11 +94,13 @@ def stream_chat(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokeni
     inputs = _inputs(model, tokenizer, query, history)
     queue: Queue = Queue()
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**inputs, **settings.generate_kwargs(tokenizer), streamer=_QueueStreamer(queue))
+                model.generate(**inputs, **settings.generate_kwargs(tokenizer), streamer=_QueueStreamer(queue),
+                               stopping_criteria=StoppingCriteriaList([_WhenSet(stop)]))
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
             queue.put(None)
@@ -96,13 +109,16 @@ def stream_chat(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokeni
     worker.start()
     ids: list[int] = []
     shown = ""
-    while (chunk := queue.get()) is not None:
-        ids += chunk
-        text = tokenizer.decode(ids).strip()
-        if text != shown and not text.endswith("\ufffd"):
-            shown = text
-            yield text, _updated(history, query, text)
-    worker.join()
+    try:
+        while (chunk := queue.get()) is not None:
+            ids += chunk
+            text = tokenizer.decode(ids).strip()
+            if text != shown and not text.endswith("\ufffd"):
+                shown = text
+                yield text, _updated(history, query, text)
+    finally:  # also when the caller stops early (Ctrl-C, a closed generator): end the generation thread first
+        stop.set()
+        worker.join()
     if errors:
         raise errors[0]
     final = tokenizer.decode(ids).strip()

@@ -35,3 +35,20 @@ class PrefixEncoder(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Embedding, nn.Linear)):
                 module.reset_parameters()
+
+
+def reset_prefix_encoder(model: nn.Module) -> None:
+    """Re-initialise the prefix encoder of a native or a remote model (both are ``transformer.prefix_encoder``)."""
+    encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
+    if encoder is None:
+        raise ValueError("the model has no prefix encoder")
+    for module in encoder.modules():
+        if isinstance(module, (nn.Embedding, nn.Linear)):
+            module.reset_parameters()
+
+
+def freeze_all_but_prefix(model: nn.Module) -> None:
+    """P-Tuning v2 trains the prefix encoder alone. Upstream code freezes the base in ``__init__``, but
+    transformers 5.x materialises parameters after that, trainable again, so it is done here for every path."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(PREFIX_KEY))

@@ -19,6 +19,7 @@ from glm_portable.jsonfile import read_json_object
 from glm_portable.patches import Context, remote_code_patched
 
 from .loading import resolve_dtype
+from .prefix import freeze_all_but_prefix, reset_prefix_encoder
 
 IMPLEMENTATIONS = ("native", "remote")
 
@@ -67,7 +68,7 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
     """Tokenizer and model from the directory's own code, patched, on the backend's device.
 
     With ``pre_seq_len`` the remote PrefixEncoder is built (P-Tuning v2) and freshly initialised in
-    fp32, as THUDM's recipe trains it; the base is frozen by the remote code itself.
+    fp32, as THUDM's recipe trains it, and everything else is frozen.
     """
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -88,10 +89,9 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
         model.generation_config.use_cache = True
     encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
     if pre_seq_len is not None and encoder is not None:
-        for module in encoder.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        reset_prefix_encoder(model)
         encoder.float()
+        freeze_all_but_prefix(model)
     model = model.to(backend.device(local_rank))
     return RemoteModel(model.eval(), tokenizer, imported.applied)
 

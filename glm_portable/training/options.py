@@ -10,6 +10,9 @@ from glm_portable.errors import UserError
 from glm_portable.modeling.remote import check_impl
 
 METHODS = ("ptuning", "lora", "full")
+# The recipes users come from (docs/thudm-compatibility.md): THUDM's P-Tuning train.sh, the ChatGLM-6B LoRA
+# repositories' finetune scripts, THUDM's ds_train_finetune.sh.
+DEFAULT_LR = {"ptuning": 2e-2, "lora": 1e-4, "full": 1e-4}
 
 
 @dataclass
@@ -30,7 +33,7 @@ class TrainOptions:
     deepspeed: Optional[str] = None
     deepspeed_config: Optional[Path] = None
     offload: bool = False
-    lr: float = 2e-2
+    lr: Optional[float] = None
     batch_size: int = 1
     grad_accum: int = 16
     max_steps: int = 3000
@@ -49,6 +52,10 @@ class TrainOptions:
     resume: Optional[str] = None
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        if self.lr is None and self.method in DEFAULT_LR:
+            self.lr = DEFAULT_LR[self.method]
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -65,8 +72,8 @@ class TrainOptions:
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
         if not 0 <= self.node_rank < self.nnodes:

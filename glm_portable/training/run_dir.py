@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from glm_portable.errors import UserError
+from glm_portable.errors import NothingToDo, UserError
 from glm_portable.jsonfile import read_json_object
 
 RUN_JSON = "run.json"
@@ -17,8 +17,9 @@ RESULTS = "train_results.json"
 LOSS_PLOT = "loss.png"
 COMPLETE = "COMPLETE"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# max_steps is not among them: resuming with a larger one extends the run.
 IDENTITY_KEYS = ("model", "data", "method", "pre_seq_len", "prefix_projection", "lora_rank", "lora_alpha",
-                 "lora_target", "lr", "batch_size", "grad_accum", "seed", "max_steps", "warmup_steps", "deepspeed")
+                 "lora_target", "lr", "batch_size", "grad_accum", "seed", "warmup_steps", "deepspeed")
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -67,10 +68,30 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
     return checkpoints[-1] if checkpoints else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    match = CHECKPOINT_RE.match(Path(checkpoint).name)
+    if not match:
+        raise UserError(f"--resume {checkpoint}: not a checkpoint directory (expected a name checkpoint-<step>)")
+    return int(match.group(1))
+
+
+def refuse_finished(run_dir: Path, checkpoint: Optional[Path], max_steps: int) -> None:
+    """A run resumed from a checkpoint at or past --max-steps has nothing to train: say so rather than
+    train a step more and overwrite its results."""
+    if checkpoint is None or not (run_dir / RESULTS).is_file():
+        return
+    step = checkpoint_step(checkpoint)
+    if step >= max_steps:
+        raise NothingToDo(f"{run_dir}: the run finished at step {step} already (--max-steps {max_steps}); "
+                          "nothing to train. A larger --max-steps with --resume auto extends it.")
+
+
 def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool,
-                    world_size: int = 1) -> Optional[Path]:
-    """``resolve_resume``, then clear the dir when --overwrite asked for it."""
+                    world_size: int = 1, max_steps: Optional[int] = None) -> Optional[Path]:
+    """``resolve_resume`` (and ``refuse_finished`` given ``max_steps``), then clear the dir for --overwrite."""
     checkpoint = resolve_resume(run_dir, identity, resume, overwrite, world_size)
+    if max_steps is not None:
+        refuse_finished(run_dir, checkpoint, max_steps)
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     return checkpoint

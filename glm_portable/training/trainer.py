@@ -7,10 +7,11 @@ with optimizer, scheduler, RNG and data position; this module decides what a che
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,12 +19,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from glm_portable import __version__
+from glm_portable.atomic import write_text_atomic
 from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
 from glm_portable.environment import library_versions
-from glm_portable.errors import TrainingStopped, UserError
+from glm_portable.errors import GlmPortableError, NothingToDo, TrainingStopped, UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_tokenizer, resolve_dtype
+from glm_portable.modeling.model import causal_lm_loss
 from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
 
@@ -34,6 +37,7 @@ from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkp
                       prepare_run_dir, truncate_metrics)
 
 THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
+ALL_RESULTS, TRAINER_STATE = "all_results.json", "trainer_state.json"  # where THUDM's scripts leave them
 
 
 class CountingCollator:
@@ -129,6 +133,24 @@ class RunCallback(TrainerCallback):
         self.last_time, self.last_step, self.last_tokens = now, state.global_step, self.collator.tokens
 
 
+def logits_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
+    """The native model's loss, computed from another model's logits."""
+    return causal_lm_loss(outputs["logits"], labels, num_items_in_batch)
+
+
+def token_weighted_loss(model: torch.nn.Module) -> dict[str, Any]:
+    """The Trainer arguments that weigh every labelled token of an accumulation window equally.
+
+    The native model takes ``num_items_in_batch`` itself; a model directory's own code does not, and
+    the Trainer would then average micro-batches equally, so its loss is computed from its logits.
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()
+    accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(inner.forward).parameters.values())
+    if accepts or "compute_loss_func" not in inspect.signature(Trainer.__init__).parameters:
+        return {}
+    return {"compute_loss_func": logits_loss}
+
+
 def world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from the launcher's environment; (0, 0, 1) when run alone."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -160,7 +182,7 @@ def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dty
     )
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainResult:
     metrics: dict[str, Any]
     model: torch.nn.Module
@@ -183,13 +205,15 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     resume, refusal = None, None
     if rank == 0:
         try:
-            resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size)
-        except UserError as exc:
-            refusal = str(exc)
+            resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size,
+                                     options.max_steps)
+        except (UserError, NothingToDo) as exc:
+            refusal = exc
     if world_size > 1:
         resume, refusal = _broadcast_decision(resume, refusal)
     if refusal is not None:
-        raise UserError(refusal)
+        leave_process_group()
+        raise refusal
     options.output.mkdir(parents=True, exist_ok=True)
 
     backend.seed(options.seed)
@@ -199,7 +223,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
     trainer = GlmTrainer(model=model, args=args,
                          train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method,
-                         base_dir=options.model)
+                         base_dir=options.model, **token_weighted_loss(model))
     callback.trainer = trainer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
@@ -226,9 +250,13 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     if not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
         trainer._save_checkpoint(trainer.model, None)
     metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
+    metrics["train_samples"] = len(dataset)
     metrics["peak_memory_bytes_per_rank"] = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
     if rank == 0:
-        write_json_object(options.output / RESULTS, metrics)
+        for name in (RESULTS, ALL_RESULTS):
+            write_json_object(options.output / name, metrics)
+        write_text_atomic(options.output / TRAINER_STATE,
+                          json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n")
         plot_loss(options.output)
     leave_process_group()
     return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
@@ -255,13 +283,15 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _broadcast_decision(resume: Optional[Path], refusal: Optional[str]) -> tuple[Optional[Path], Optional[str]]:
-    """Every rank resumes from the checkpoint rank 0 chose, or stops with rank 0's refusal (none waits alone)."""
+def _broadcast_decision(resume: Optional[Path], refusal: Optional[GlmPortableError]
+                        ) -> tuple[Optional[Path], Optional[GlmPortableError]]:
+    """Every rank resumes from the checkpoint rank 0 chose, or stops as rank 0 stops (none waits alone)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return resume, refusal
-    box = [(str(resume) if resume else None, refusal)]
+    box = [(str(resume) if resume else None, type(refusal).__name__ if refusal else None, str(refusal or ""))]
     dist.broadcast_object_list(box, src=0)
-    path, refusal = box[0]
-    return (Path(path) if path else None), refusal
+    path, kind, message = box[0]
+    stopped = {"NothingToDo": NothingToDo, "UserError": UserError}[kind](message) if kind else None
+    return (Path(path) if path else None), stopped

@@ -14,6 +14,7 @@ from glm_portable.bench.record import read_record
 from glm_portable.bench.workload import Workload, synthetic_rows
 from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLMConfig
+from tests.conftest import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--shape", "tiny", "--steps", "4", "--warmup", "1", "--batch-size", "2", "--source-length", "16",
@@ -107,7 +108,7 @@ def test_bench_refuses_to_overwrite_and_misstated_dtypes(records):
 
 
 def test_two_processes_record_both_devices(tmp_path):
-    cli("bench", *QUICK, "--method", "lora", "--nproc", "2", "--master-port", "29611", "--out", tmp_path / "d.json")
+    cli("bench", *QUICK, "--method", "lora", "--nproc", "2", "--master-port", free_port(), "--out", tmp_path / "d.json")
     record = read_record(tmp_path / "d.json")
     assert record["device"]["count"] == 2 and record["workload"]["world_size"] == 2
     assert len(record["results"]["peak_memory_bytes"]) == 2

@@ -56,7 +56,9 @@ def test_chatglm2_rows_equal_thudm(tiny2_dir, history):
     assert out.source_truncated == (2 if history else 1) and out.target_truncated == 1
     evaluated = TEMPLATES["chatglm2"].encode_eval(tok, examples, 64, 128, source_prefix="前缀：")
     assert evaluated.input_ids[0] == thudm_v2(tok, *ROWS[0], history, 64, 128, prefix="前缀：")[0][: len(evaluated.input_ids[0])]
-    assert evaluated.references == [a for _, a in ROWS]
+    assert evaluated.full_references == [a for _, a in ROWS]
+    assert evaluated.references == [tok.sp.decode(tok.sp.encode(a)[:126]) for _, a in ROWS]  # [gMASK] sop count
+    assert evaluated.references[0] == ROWS[0][1] and len(evaluated.references[1]) < len(ROWS[1][1])
 
 
 def test_chatglm3_rows_equal_thudm_finetune_demo(tiny_dir):
@@ -74,12 +76,34 @@ def test_chatglm3_rows_equal_thudm_finetune_demo(tiny_dir):
     assert out.labels[0][position] == -100 and out.labels[0][position + 1] != -100
 
 
-def test_chatglm3_eval_prompt_ends_with_assistant(tiny_dir):
+def thudm_v3_eval(tokenizer, conversation, max_input, max_output):
+    """ChatGLM3 finetune_demo process_batch_eval: (prompt ids, decoded label) per assistant turn."""
+    input_ids, rows = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")], []
+    for message in conversation:
+        if len(input_ids) >= max_input:
+            break
+        new = [tokenizer.get_command(f"<|{message['role']}|>")] + tokenizer.sp.encode("\n") + tokenizer.sp.encode(message["content"])
+        if message["role"] == "assistant":
+            output = (new[1:] + [tokenizer.eos_token_id])[:max_output]
+            rows.append((input_ids[:max_input] + new[:1], tokenizer.sp.decode([t for t in output if t < tokenizer.sp_vocab_size and t != tokenizer.eos_token_id]).strip()))
+        input_ids += new
+    return rows
+
+
+def test_chatglm3_eval_rows_per_assistant_turn_equal_thudm(tiny_dir):
     tok = load_tokenizer(tiny_dir)
-    out = template_for(tok).encode_eval(tok, [_example(*ROWS[0]), _example(*ROWS[1])], 32, 128)
+    conversation = ({"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+                    {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再写一条"},
+                    {"role": "assistant", "content": ROWS[1][1]})
+    examples = [Example("f:1", conversation), _example(*ROWS[1]), _example(*ROWS[0])]
+    out = template_for(tok).encode_eval(tok, examples, 64, 16)
+    expected = [row for e in examples for row in thudm_v3_eval(tok, e.messages, 64, 16)]
+    assert len(expected) == 3, "the long prompt of the second conversation fills max_input: its turn is dropped"
+    assert list(zip(out.input_ids, out.references)) == expected
+    assert out.full_references == ["你好！", ROWS[1][1], ROWS[0][1]]
+    assert out.source_truncated == 1
     assistant = tok.get_command("<|assistant|>")
     assert all(ids[-1] == assistant and ids[:2] == tok.prefix_ids for ids in out.input_ids)
-    assert len(out.input_ids[1]) == 32 and out.source_truncated == 1
 
 
 class V1Tokenizer:

@@ -7,7 +7,7 @@ import pytest
 from glm_portable.backends import get_backend, select_backend
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
-from glm_portable.evaluation import EvalOptions, evaluation_settings, evaluate, generate_batched
+from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluation_settings, evaluate, generate_batched, score
 from glm_portable.modeling import GenerationSettings, chat, load_model, load_tokenizer
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.trainer import run_training
@@ -51,6 +51,27 @@ def test_evaluating_a_ptuning_checkpoint_equals_the_trained_model_in_memory(tiny
     results = json.loads((tmp_path / "b" / "eval_results.json").read_text())
     assert {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "samples", "empty_predictions", "settings"} <= set(results)
     assert results["samples"] == 12
+    assert set(results["full_reference"]) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
+    thudm = json.loads((tmp_path / "b" / "predict_results.json").read_text())
+    assert thudm["predict_bleu-4"] == results["bleu-4"] and thudm["predict_samples"] == 12
+    assert json.loads((tmp_path / "b" / "all_results.json").read_text()) == thudm
+
+
+def test_scores_use_thudm_cut_references_and_report_full_ones_beside(tiny_dir, data_dir, tmp_path):
+    """Answers longer than max_target_length: THUDM's references are cut, so the two scores differ."""
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"这条{c}的裙子简约大方。" * 12} for c in ("红色", "白色", "黑色")]
+    raw = tmp_path / "long.jsonl"
+    raw.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    results = evaluate(EvalOptions(model=tiny_dir, data=raw, output=tmp_path / "e", max_target_length=16,
+                                   sampling=evaluation_settings(max_new_tokens=4)), get_backend("cpu"))
+    lines = [json.loads(line) for line in (tmp_path / "e" / "generated_predictions.txt").read_text().splitlines()]
+    tok = load_tokenizer(tiny_dir)
+    assert [line["labels"] for line in lines] == [tok.sp.decode(tok.sp.encode(r["summary"])[:14]) for r in rows]
+    predictions = [line["predict"] for line in lines]
+    cut, full = (score(predictions, labels).summary() for labels in
+                 ([line["labels"] for line in lines], [r["summary"] for r in rows]))
+    assert {k: results[k] for k in METRIC_KEYS} == {k: cut[k] for k in METRIC_KEYS}
+    assert results["full_reference"] == {k: full[k] for k in METRIC_KEYS}
 
 
 def test_evaluate_reads_raw_files_too(tiny_dir, data_dir, tmp_path):
@@ -66,6 +87,38 @@ def test_chat_one_shot_prints_the_answer(tiny_dir):
     model, tok = load_model(tiny_dir, device="cpu"), load_tokenizer(tiny_dir)
     expected, _ = chat(model, tok, "你好", settings=GenerationSettings(max_new_tokens=8, do_sample=False))
     assert out.stdout.rstrip("\n") == expected
+
+
+def test_ctrl_c_stops_the_answer_and_chat_goes_on(tiny_dir):
+    """The answer stops, the prompt comes back, /exit leaves with 0 (it used to abort with 134)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "glm_portable.cli", "chat", "--model", str(tiny_dir), "--greedy",
+                                "--max-new-tokens", "3000", "--device", "cpu"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = bytearray()
+    threading.Thread(target=lambda: [out.extend(c) for c in iter(lambda: os.read(process.stdout.fileno(), 4096), b"")],
+                     daemon=True).start()
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 120
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert condition(), out.decode(errors="replace")
+
+    wait_for(lambda: out.count(b"you>") == 1)
+    process.stdin.write("类型#裙\n".encode())
+    process.stdin.flush()
+    shown = len(out)
+    wait_for(lambda: len(out) > shown + 30)
+    process.send_signal(signal.SIGINT)
+    wait_for(lambda: b"[stopped]" in out and out.count(b"you>") == 2)
+    process.stdin.write(b"/exit\n")
+    process.stdin.flush()
+    assert process.wait(timeout=60) == 0
 
 
 def test_demo_end_to_end_beats_the_untrained_model(tmp_path):

@@ -18,6 +18,7 @@ from glm_portable.modeling import load_model
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import Context, patch_table
 from glm_portable.patches.library_fixes import (DEEPSPEED_VERSION_CHECK, TRAINER_TOKENIZER,
+from tests.conftest import free_port
                                                 TRAINING_ARGS_NPU, TRANSFORMERS_DEEPSPEED_MODULE)
 
 CPU = Context.current("cpu")
@@ -142,7 +143,7 @@ def test_a_remote_full_checkpoint_is_a_model_directory_that_generates_like_nativ
     preprocess(PreprocessOptions(model=remote_dir, train_file=train, eval_file=train, out=tmp_path / "data", num_shards=1))
     cli("train", "--model", remote_dir, "--data", tmp_path / "data", "--output", tmp_path / "run", "--impl", "remote",
         "--method", "full", "--deepspeed", "zero2", "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "1",
-        "--max-steps", "4", "--save-steps", "4", "--master-port", "29657")
+        "--max-steps", "4", "--save-steps", "4", "--master-port", free_port())
     checkpoint = tmp_path / "run" / "checkpoint-4"
     for name in ("modeling_chatglm.py", "tokenization_chatglm.py", "tokenizer.model", "tokenizer_config.json"):
         assert (checkpoint / name).is_file(), name
@@ -152,3 +153,36 @@ def test_a_remote_full_checkpoint_is_a_model_directory_that_generates_like_nativ
             "--output", tmp_path / f"eval-{impl}", "--impl", impl, "--max-new-tokens", "6")
     predictions = [(tmp_path / f"eval-{impl}" / "generated_predictions.txt").read_text() for impl in ("remote", "native")]
     assert predictions[0] == predictions[1]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_remote_ptuning_trains_only_the_prefix_exactly_as_native(remote_dir, tmp_path, grad_accum):
+    """Same seed and data: the same trainable parameters, the same loss at every step, the same prefix.
+    Rows of different lengths, so that weighting micro-batches by tokens and equally would differ."""
+    from safetensors.torch import load_file
+
+    from glm_portable.training.options import TrainOptions
+    from glm_portable.training.run_dir import read_metrics
+    from glm_portable.training.trainer import run_training
+
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": "这条裙子" + "简约大方" * n} for n, c in
+            enumerate(("红色", "白色", "黑色", "蓝色", "绿色", "紫色", "灰色", "粉色"), 1)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    preprocess(PreprocessOptions(model=remote_dir, train_file=train, out=tmp_path / "data", num_shards=1))
+    runs = {}
+    for impl in ("native", "remote"):
+        options = TrainOptions(model=remote_dir, data=tmp_path / "data", output=tmp_path / impl, impl=impl,
+                               pre_seq_len=4, lr=0.05, batch_size=2, grad_accum=grad_accum, max_steps=6,
+                               logging_steps=1, save_steps=6)
+        run_training(options, get_backend("cpu"), "test")
+        runs[impl] = tmp_path / impl
+    recorded = {impl: json.loads((run / "run.json").read_text())["trainable_parameters"] for impl, run in runs.items()}
+    assert recorded["remote"] == recorded["native"] == 4 * 2 * 2 * 2 * 16
+    losses = {impl: [m["loss"] for m in read_metrics(run)] for impl, run in runs.items()}
+    assert len(losses["native"]) == 6
+    assert losses["remote"] == pytest.approx(losses["native"], rel=1e-5)
+    prefixes = [load_file(str(run / "checkpoint-6" / "model.safetensors")) for run in runs.values()]
+    assert set(prefixes[0]) == set(prefixes[1]) == {"transformer.prefix_encoder.embedding.weight"}
+    torch.testing.assert_close(prefixes[0]["transformer.prefix_encoder.embedding.weight"],
+                               prefixes[1]["transformer.prefix_encoder.embedding.weight"], rtol=1e-4, atol=1e-5)

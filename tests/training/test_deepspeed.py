@@ -14,6 +14,7 @@ from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.synthetic import adgen_rows
 from glm_portable.modeling import load_model, load_tokenizer
 from glm_portable.training.run_dir import read_metrics
+from tests.conftest import free_port
 
 FAKES = Path(__file__).resolve().parent.parent / "fakes"
 
@@ -33,9 +34,9 @@ def runs(tiny_dir, tmp_path_factory):
     preprocess(PreprocessOptions(model=tiny_dir, train_file=root / "train.json", out=root / "data"))
     common = ["--model", tiny_dir, "--data", root / "data", "--method", "full", "--deepspeed", "zero2", "--lr", "1e-3",
               "--grad-accum", "1", "--max-steps", "6", "--logging-steps", "1", "--save-steps", "3", "--device", "cpu"]
-    two = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", "29641", "--output", root / "two")
+    two = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", free_port(), "--output", root / "two")
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _cli(*common, "--batch-size", "4", "--master-port", "29642", "--output", root / "one")
+    one = _cli(*common, "--batch-size", "4", "--master-port", free_port(), "--output", root / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     return root, common
 
@@ -61,7 +62,7 @@ def test_resume_at_the_same_world_size_continues_the_curve(runs):
     shutil.copytree(root / "two", run)
     shutil.rmtree(run / "checkpoint-6")
     (run / "train_results.json").unlink()
-    result = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", "29643", "--output", run, "--resume", "auto")
+    result = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", free_port(), "--output", run, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _losses(run) == pytest.approx(_losses(root / "two"), rel=1e-6)
 
@@ -141,7 +142,7 @@ def test_zero3_checkpoint_holds_the_gathered_weights(runs, tiny_dir, tmp_path):
     args.insert(args.index("--deepspeed") + 1, "zero3")
     args[args.index("--max-steps") + 1] = "2"
     args[args.index("--save-steps") + 1] = "2"
-    result = _cli(*args, "--batch-size", "2", "--nproc", "2", "--master-port", "29644", "--output", tmp_path / "z3")
+    result = _cli(*args, "--batch-size", "2", "--nproc", "2", "--master-port", free_port(), "--output", tmp_path / "z3")
     assert result.returncode == 0, result.stderr[-3000:]
     trained = load_model(tmp_path / "z3" / "checkpoint-2", dtype="float32", device="cpu").state_dict()
     base = load_model(tiny_dir, dtype="float32", device="cpu").state_dict()

@@ -19,6 +19,7 @@ from glm_portable.modeling import load_model, load_prefix, load_tokenizer
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.run_dir import read_metrics
 from glm_portable.training.trainer import run_training
+from tests.conftest import free_port
 
 FAKES = Path(__file__).resolve().parent.parent / "fakes"
 COLORS = ["红色", "白色", "黑色", "蓝色", "绿色", "粉色", "灰色", "紫色"]
@@ -64,6 +65,9 @@ def test_loss_falls_clearly_within_50_steps(tiny_dir, data_dir, tmp_path, method
     assert last < first - 0.4, (first, last)  # a random tiny model: ~0.6 nats of 6.9 within 50 steps
     results = json.loads((tmp_path / method / "train_results.json").read_text())
     assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch"} <= set(results)
+    assert results["train_samples"] == 32
+    assert json.loads((tmp_path / method / "all_results.json").read_text()) == results
+    assert json.loads((tmp_path / method / "trainer_state.json").read_text())["global_step"] == 50
     assert len(results["peak_memory_bytes_per_rank"]) == 1 and results["peak_memory_bytes_per_rank"][0] > 0
     assert (tmp_path / method / "loss.png").stat().st_size > 0
     run = json.loads((tmp_path / method / "run.json").read_text())
@@ -127,7 +131,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(tiny_dir, tmp_path):
               "--grad-accum", "1", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "3", "--device", "cpu"]
     one = _cli(*common, "--batch-size", "4", "--output", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", "29533", "--output", tmp_path / "two")
+    two = _cli(*common, "--batch-size", "2", "--nproc", "2", "--master-port", free_port(), "--output", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
@@ -186,3 +190,44 @@ def test_dry_run_plans_npu_through_the_double_and_cuda(tiny_dir, data_dir, tmp_p
     assert not (tmp_path / "x").exists()
     cpu = _cli(*args[:-3], "--method", "lora", "--dry-run", "--device", "cpu")
     assert cpu.returncode == 0 and json.loads(cpu.stdout)["training"]["method"] == "lora"
+
+
+def test_a_finished_run_is_not_trained_again_and_a_larger_max_steps_extends_it(tiny_dir, data_dir, tmp_path):
+    common = ["--model", tiny_dir, "--data", data_dir, "--output", tmp_path / "run", "--pre-seq-len", "8",
+              "--batch-size", "4", "--grad-accum", "1", "--logging-steps", "1", "--save-steps", "3", "--device", "cpu"]
+    assert _cli(*common, "--max-steps", "3").returncode == 0
+    results = (tmp_path / "run" / "train_results.json").read_text()
+    again = _cli(*common, "--max-steps", "3", "--resume", "auto")
+    assert again.returncode == 0 and "finished at step 3 already" in again.stderr and "error" not in again.stderr
+    assert (tmp_path / "run" / "train_results.json").read_text() == results
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3]
+    longer = _cli(*common, "--max-steps", "6", "--resume", "auto")
+    assert longer.returncode == 0, longer.stderr
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_options_from_yaml_with_config_or_right_after_the_command(tiny_dir, data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_dir}\ndata: {data_dir}\noutput: {tmp_path / 'x'}\nmethod: lora\nmax-steps: 7\n")
+    for args in (["--config", config], [config]):
+        out = subprocess.run([sys.executable, "-m", "glm_portable.cli", "train", *map(str, args), "--dry-run",
+                              "--device", "cpu", "--grad-accum", "2"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        plan = json.loads(out.stdout)
+        assert plan["training"]["method"] == "lora" and plan["training"]["max_steps"] == 7
+        assert plan["training"]["global_batch"] == 2, "--grad-accum on the command line wins over the file"
+    config.write_text("max-stepz: 7\n")
+    bad = _cli("--config", config, "--dry-run")
+    assert bad.returncode == 2 and "unknown options for train: max_stepz" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "glm_portable.cli", "train", "--help"], capture_output=True,
+                            text=True, timeout=300)
+    assert "--config run.yaml" in helped.stdout
+
+
+@pytest.mark.parametrize("method,lr", [("ptuning", 2e-2), ("lora", 1e-4)])
+def test_each_method_has_its_recipe_learning_rate(tiny_dir, data_dir, tmp_path, method, lr):
+    out = _cli("--model", tiny_dir, "--data", data_dir, "--output", tmp_path / "x", "--method", method, "--dry-run",
+               "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["training"]["lr"] == lr
