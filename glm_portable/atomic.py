@@ -5,8 +5,10 @@ A crash, a kill or an exception never leaves something at the final path that lo
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,22 +25,68 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def refuse_to_replace(out_dir: Path, overwrite: bool) -> None:
+    """The check ``atomic_directory`` makes, for commands that want to fail before their long work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: exists and is not empty (use --overwrite to replace it)")
+
+
+def _partial_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Temporary siblings of ``out_dir`` left by processes of this host that died before renaming them."""
+    prefix = _partial_prefix(out_dir)
+    removed = []
+    for sibling in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = sibling.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on failure it is removed."""
+    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on failure it is removed.
+
+    An existing non-empty ``out_dir`` is replaced only with ``overwrite``, and then only once the new
+    one is complete: the old one is moved aside, the new one renamed into place, the old one deleted,
+    so a crash leaves the old or the new output (at worst the old one under a ``.old-`` name), never
+    neither. Temporary directories of dead processes are cleaned up first.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: exists and is not empty (use --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    refuse_to_replace(out_dir, overwrite)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot write there: {exc.strerror or exc}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}") if out_dir.exists() else None
+        if old is not None:
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

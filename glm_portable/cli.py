@@ -241,6 +241,7 @@ def evaluate_command(
                                           "(THUDM's scoring; preprocessed data carries its own)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N rows only."),
     impl: str = ImplOption,
+    overwrite: bool = typer.Option(False, help="Replace an earlier evaluation in --output."),
 ) -> None:
     """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
     from glm_portable.process import start_process
@@ -256,7 +257,7 @@ def evaluate_command(
     options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
                           sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
                           max_source_length=max_source_length, max_target_length=max_target_length, limit=limit,
-                          impl=impl)
+                          impl=impl, overwrite=overwrite)
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:
         task = bars.add_task("generating", total=None)
@@ -468,17 +469,27 @@ app.command("export")(typer_command(ExportOptions, _export,
 @app.command("patches")
 def patches_command(
     model: Optional[Path] = typer.Option(None, help="A model directory whose own code (auto_map) is checked too."),
+    impl: str = typer.Option("native", "--impl", help="remote: import the directory's code (it runs) to decide its "
+                             "patches; native (default): read its files as text only."),
     device: Optional[str] = DeviceOption,
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Every patch for the installed stack: needed?, applied?, why (library ones, and a model directory's code)."""
+    from glm_portable.modeling.remote import check_impl, check_remote_dir
     from glm_portable.process import start_process
     from glm_portable.patches import Context, patch_table
 
+    check_impl(impl)
     backend, note = _backend_for_planning(device)
     ctx = Context.current(backend.name, backend.kernels(None))
     start_process(backend)
-    report = _import_remote_code(model, ctx) if model is not None else None
+    report = None
+    if model is not None and impl == "remote":
+        report = _import_remote_code(model, ctx)
+    elif model is not None:
+        references = [r[0] if isinstance(r, list) else r for r in check_remote_dir(model).values()]
+        files = sorted({str(r).split(".")[0] + ".py" for r in references if r})
+        note += f"; {model}'s code ({', '.join(files)}) was read, not run: --impl remote decides its patches"
     rows = patch_table(ctx, report, model)
     if as_json:
         print(json.dumps({"device": backend.name, "note": note, "versions": ctx.versions, "patches": rows},

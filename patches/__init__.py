@@ -44,7 +44,9 @@ def patch_table(ctx: Context, report: Optional[RemoteReport] = None,
         row = {"name": patch.name, "kind": patch.kind, "target": patch.target, "symptom": patch.symptom}
         concerned = [(where, d) for where, d in decisions if d.present]
         if not decisions:
-            row.update(needed=None, applied=False, why="decided per model directory (--model DIR)")
+            why = (f"not decided: {model}'s code runs only with --impl remote" if model is not None
+                   else "decided per model directory (--model DIR --impl remote)")
+            row.update(needed=None, applied=False, why=why)
         elif not concerned:
             row.update(needed=False, applied=False, why=f"{model}: its code has nothing this patch targets")
         else:

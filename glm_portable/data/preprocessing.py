@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from glm_portable import __version__
-from glm_portable.atomic import atomic_directory
+from glm_portable.atomic import atomic_directory, refuse_to_replace
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_tokenizer
@@ -195,6 +195,7 @@ def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> Pre
         if existing.get("cache_key") == key:
             return PreprocessResult(existing, reused=True, format_reason="reused")
         raise UserError(f"{out}: already holds data made from other inputs or options (use --overwrite to replace it)")
+    refuse_to_replace(out, options.overwrite)
 
     started = time.perf_counter()
     records = {name: list(read_records(path)) for name, path in splits.items()}
@@ -223,7 +224,7 @@ def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> Pre
                    "fixed_length": template.fixed_length(options.max_source_length, options.max_target_length)},
         "sources": [], "splits": {},
     }
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=options.overwrite) as tmp:
         for name, rows in collected.items():
             enc = encoded[name]
             if progress:

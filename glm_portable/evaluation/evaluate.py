@@ -43,6 +43,17 @@ class EvalOptions:
     max_target_length: int = 128
     limit: Optional[int] = None
     impl: str = "native"
+    overwrite: bool = False
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before generating, an output that is a file, or that holds an earlier evaluation (without --overwrite)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output}: exists and is a file, not a directory")
+    earlier = [name for name in (PREDICTIONS, RESULTS, *THUDM_RESULTS) if (output / name).exists()]
+    if earlier and not overwrite:
+        raise UserError(f"--output {output}: holds an earlier evaluation ({', '.join(earlier)}); "
+                        "use another directory or --overwrite")
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -107,7 +118,10 @@ def evaluation_rows(options: EvalOptions, tokenizer) -> EvalRows:
 def write_outputs(output: Path, predictions: list[str], references: list[str], results: dict[str, Any]) -> None:
     """THUDM's files (generated_predictions.txt, one {"labels", "predict"} object a line; predict_results.json
     and all_results.json with ``predict_``-prefixed keys) and ours (eval_results.json)."""
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {output}: cannot write there: {exc.strerror or exc}") from None
     lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for p, l in zip(predictions, references))
     write_text_atomic(output / PREDICTIONS, lines)
     thudm = {f"predict_{k}": results[k] for k in METRIC_KEYS}
@@ -128,6 +142,9 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     """
     if options.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.limit is not None and options.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {options.limit}")
+    check_output(Path(options.output), options.overwrite)
     tokenizer = load_tokenizer(options.model)
     rows = evaluation_rows(options, tokenizer)
     if model is None:

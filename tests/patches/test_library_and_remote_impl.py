@@ -18,8 +18,8 @@ from glm_portable.modeling import load_model
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import Context, patch_table
 from glm_portable.patches.library_fixes import (DEEPSPEED_VERSION_CHECK, TRAINER_TOKENIZER,
-from tests.conftest import free_port
                                                 TRAINING_ARGS_NPU, TRANSFORMERS_DEEPSPEED_MODULE)
+from tests.conftest import free_port
 
 CPU = Context.current("cpu")
 ENV = {**os.environ, "GLM_PORTABLE_DEVICE": "cpu"}
@@ -97,7 +97,8 @@ def test_remote_logits_equal_native_with_padding_and_prefix(remote_dir):
 
 
 def test_patches_table_for_a_model_directory(remote_dir):
-    rows = {r["name"]: r for r in json.loads(cli("patches", "--model", remote_dir, "--json").stdout)["patches"]}
+    rows = {r["name"]: r for r in
+            json.loads(cli("patches", "--model", remote_dir, "--impl", "remote", "--json").stdout)["patches"]}
     for name in ("tokenizer-init-order", "config-generation-fields", "model-post-init", "generation-tuple-cache",
                  "transformers-deepspeed-module"):
         assert rows[name]["needed"] and rows[name]["applied"], name
@@ -105,6 +106,25 @@ def test_patches_table_for_a_model_directory(remote_dir):
     assert rows["quantization-cuda-only"]["needed"] and "refused" in rows["quantization-cuda-only"]["why"]
     assert rows["training-args-npu"]["needed"] is False
     assert all(r["needed"] is None for r in patch_table(CPU) if r["kind"] == "remote")
+
+
+def test_a_directory_s_code_runs_only_with_impl_remote(remote_dir, tmp_path):
+    """Its modules write a marker when imported: `patches --model` reads them as text, `--impl remote` runs them."""
+    import shutil
+
+    model = tmp_path / "marked"
+    shutil.copytree(remote_dir, model)
+    marker = tmp_path / "code-ran"
+    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"):
+        with open(model / name, "a", encoding="utf-8") as f:
+            f.write(f"\nopen({str(marker)!r}, 'a').write({name!r} + '\\n')\n")
+    table = json.loads(cli("patches", "--model", model, "--json").stdout)
+    assert not marker.exists()
+    assert "was read, not run" in table["note"]
+    remote_rows = [r for r in table["patches"] if r["kind"] == "remote"]
+    assert remote_rows and all(r["needed"] is None and "--impl remote" in r["why"] for r in remote_rows)
+    cli("patches", "--model", model, "--impl", "remote", "--json")
+    assert "modeling_chatglm.py" in marker.read_text()
 
 
 def test_remote_impl_trains_evaluates_and_chats_like_native(remote_dir, tmp_path):
