@@ -37,7 +37,8 @@ def _partial_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.partial-{socket.gethostname()}-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,7 +54,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     removed = []
     for sibling in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
         pid = sibling.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
             removed.append(sibling)
     return removed

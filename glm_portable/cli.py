@@ -289,10 +289,13 @@ def chat_command(
     from glm_portable.modeling.remote import check_impl, load_remote_tokenizer
 
     check_impl(impl)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
+    settings.check()
+    if query is not None and not query.strip():
+        raise UserError("--query is empty: give the question to answer")
     selection = select_backend(device)
     start_process(selection.backend)
     loaded = load_for_inference(model, checkpoint, selection.backend, dtype, impl)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
     if impl == "remote":
         tokenizer = load_remote_tokenizer(model, selection.backend)
         family = type(tokenizer).__name__
@@ -410,6 +413,10 @@ def bench_command(
     workload.validate()
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be a positive number, got {peak_tflops}")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give the record's file name")
     selection = select_backend(device)
     record = bench(workload, selection.backend, dtype, out, name, peak_tflops, nproc, master_port, overwrite,
                    sys.argv[1:])

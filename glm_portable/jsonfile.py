@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,24 @@ from glm_portable.atomic import write_text_atomic
 from glm_portable.errors import UserError
 
 
+def finite_or_null(value: Any) -> Any:
+    """The value with every NaN / infinity replaced by None, so that the JSON is strict (readable everywhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def strict_json(data: Any, **kwargs: Any) -> str:
+    return json.dumps(finite_or_null(data), allow_nan=False, **kwargs)
+
+
 def write_json_object(path: str | Path, data: dict[str, Any]) -> None:
-    """Indented UTF-8 JSON (Chinese stays readable), written atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Indented UTF-8 JSON (Chinese stays readable, non-finite numbers as null), written atomically."""
+    write_text_atomic(path, strict_json(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from glm_portable import __version__
 from glm_portable.atomic import atomic_directory, refuse_to_replace
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
+from glm_portable.locking import exclusive
 from glm_portable.modeling import load_tokenizer
 
 from .formats import FORMATS, Columns, Example, detect_format, to_example
@@ -169,7 +170,7 @@ def _gc_paused() -> Iterator[None]:
 
 def preprocess(options: PreprocessOptions, progress: Optional[Progress] = None) -> PreprocessResult:
     """Tokenize the train (and eval) file for the model's family; see the module docstring."""
-    with _gc_paused():
+    with exclusive(Path(options.out), "preprocess"), _gc_paused():
         return _preprocess(options, progress)
 
 

@@ -144,6 +144,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
         raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.limit is not None and options.limit < 1:
         raise UserError(f"--limit must be at least 1, got {options.limit}")
+    options.sampling.check()
     check_output(Path(options.output), options.overwrite)
     tokenizer = load_tokenizer(options.model)
     rows = evaluation_rows(options, tokenizer)

@@ -10,6 +10,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from glm_portable.errors import UserError
+
 from .model import ChatGLMForConditionalGeneration
 from .prompts import Message, chat_input_ids
 from .tokenizer import ChatGLMTokenizer
@@ -28,6 +30,16 @@ class GenerationSettings:
     temperature: float = 0.8
     seed: Optional[int] = None
     extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """One UserError for settings generation cannot use (before a model is loaded for them)."""
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise UserError(f"--temperature must be positive when sampling, got {self.temperature} (use --greedy "
+                            "for deterministic answers)")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self, tokenizer: ChatGLMTokenizer) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,

@@ -74,14 +74,21 @@ class TrainOptions:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if not self.lr > 0 or self.lr == float("inf"):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise UserError(f"--output {self.output}: exists and is a file, not a run directory")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
         if self.padding not in (None, "fixed", "dynamic"):
             raise UserError(f"--padding {self.padding!r}: expected fixed or dynamic")
-        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
-            raise UserError(f"--resume {self.resume}: not a checkpoint directory (or use --resume auto)")
+        if self.resume not in (None, "auto") and not (Path(self.resume).is_dir()
+                                                     and Path(self.resume).name.startswith("checkpoint-")):
+            raise UserError(f"--resume {self.resume}: not a checkpoint-<step> directory (or use --resume auto)")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

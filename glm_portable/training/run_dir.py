@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from glm_portable.errors import NothingToDo, UserError
-from glm_portable.jsonfile import read_json_object
+from glm_portable.data.manifest import file_sha256
+from glm_portable.jsonfile import read_json_object, write_json_object
 
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
@@ -32,8 +33,57 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_files(checkpoint: Path) -> list[Path]:
+    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
 def mark_complete(checkpoint: Path) -> None:
-    (checkpoint / COMPLETE).write_text("", encoding="utf-8")
+    """COMPLETE, holding the sha256 of every file the checkpoint has, written by the run that saved it."""
+    sums = {p.relative_to(checkpoint).as_posix(): file_sha256(p) for p in checkpoint_files(checkpoint)}
+    write_json_object(checkpoint / COMPLETE, {"sha256": sums})
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints, and unfinished ones older than those kept.
+
+    Called only after the newest checkpoint is marked COMPLETE, so a kill at any moment leaves at
+    least one complete checkpoint to resume from.
+    """
+    kept = complete_checkpoints(run_dir)[-keep:]
+    if not kept:
+        return []
+    oldest = checkpoint_step(kept[0])
+    removed = []
+    for child in run_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child not in kept and int(match.group(1)) < oldest:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Refuse to resume from files this run did not write: resuming DeepSpeed unpickles its state
+    (``global_step*/*.pt``, code that runs), so every file must match the checksum its COMPLETE recorded."""
+    marker = checkpoint / COMPLETE
+    recorded = None
+    if marker.is_file() and marker.stat().st_size:
+        recorded = read_json_object(marker).get("sha256")
+    if not isinstance(recorded, dict):
+        if any(checkpoint.glob("global_step*")):
+            raise UserError(f"{checkpoint}: its COMPLETE marker records no checksums, and resuming its DeepSpeed state "
+                            "would unpickle files nobody vouched for; start again (--overwrite) or train from its "
+                            "weights (--model <checkpoint>)")
+        return
+    present = {p.relative_to(checkpoint).as_posix(): p for p in checkpoint_files(checkpoint)}
+    for name in sorted(set(present) | set(recorded)):
+        if name not in recorded:
+            raise UserError(f"{checkpoint / name}: not written by this run (no checksum in {marker}); resume refused")
+        if name not in present:
+            raise UserError(f"{checkpoint / name}: missing (its checksum is in {marker}); resume refused")
+        if file_sha256(present[name]) != recorded[name]:
+            raise UserError(f"{checkpoint / name}: changed since this run wrote it (sha256 differs from {marker}); "
+                            "resume refused")
 
 
 def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool,
@@ -47,6 +97,8 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
     if overwrite:
         return None
     if resume not in (None, "auto"):
+        checkpoint_step(Path(resume))
+        verify_checkpoint(Path(resume))
         return Path(resume)
     if not existing.is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -58,6 +110,9 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
     if differing:
         raise UserError(f"{run_dir}: holds a different run (differs in {', '.join(differing)}); "
                         "use another --output or --overwrite")
+    started = bool(complete_checkpoints(run_dir)) or (run_dir / RESULTS).is_file()
+    if resume != "auto" and not started:
+        return None  # it stopped before its first checkpoint (a failed start): nothing to keep, begin again
     if resume != "auto":
         raise UserError(f"{run_dir}: holds this run already; continue it with --resume auto or start again with --overwrite")
     if identity.get("deepspeed") and recorded.get("world_size") not in (None, world_size):
@@ -65,6 +120,8 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
                         f"state cannot resume on {world_size}. Resume with the same --nproc/--nnodes, or start a new run "
                         "from the checkpoint's weights (--model <checkpoint>)")
     checkpoints = complete_checkpoints(run_dir)
+    if checkpoints:
+        verify_checkpoint(checkpoints[-1])
     return checkpoints[-1] if checkpoints else None
 
 

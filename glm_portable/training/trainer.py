@@ -7,9 +7,11 @@ with optimizer, scheduler, RNG and data position; this module decides what a che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +26,8 @@ from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
 from glm_portable.environment import library_versions
 from glm_portable.errors import GlmPortableError, NothingToDo, TrainingStopped, UserError
-from glm_portable.jsonfile import write_json_object
+from glm_portable.jsonfile import strict_json, write_json_object
+from glm_portable.locking import exclusive
 from glm_portable.modeling import load_tokenizer, resolve_dtype
 from glm_portable.modeling.model import causal_lm_loss
 from glm_portable.patches import APPLIED
@@ -33,8 +36,8 @@ from glm_portable.process import start_process
 from .deepspeed_config import build_deepspeed_config
 from .methods import build_model, load_trained, save_trained
 from .options import TrainOptions
-from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, complete_checkpoints, mark_complete, plot_loss,
-                      prepare_run_dir, truncate_metrics)
+from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, checkpoint_step, complete_checkpoints, mark_complete,
+                      plot_loss, prepare_run_dir, rotate_checkpoints, truncate_metrics)
 
 THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
 ALL_RESULTS, TRAINER_STATE = "all_results.json", "trainer_state.json"  # where THUDM's scripts leave them
@@ -59,7 +62,7 @@ class GlmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method = method
         self.base_dir = base_dir
-        self.nonfinite: Optional[tuple[int, float]] = None
+        self.nonfinite: Optional[tuple[int, str]] = None  # (step, what became non-finite)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if not self.args.should_save:
@@ -71,14 +74,39 @@ class GlmTrainer(Trainer):
         load_trained(model or self.model, self.method, Path(resume_from_checkpoint))
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """Save only trained tensors that are all finite, mark the checkpoint COMPLETE (with its files'
+        checksums) once every rank has written its part; otherwise stop the run, keeping the last good one."""
+        bad = next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()),
+                   None)
+        if bad is not None:
+            if self.nonfinite is None:
+                self.nonfinite = (self.state.global_step, f"the trained parameter {bad} became non-finite")
+            self.control.should_training_stop = True
+            return
+        keep, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for COMPLETE
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            if keep:
+                rotate_checkpoints(Path(self.args.output_dir), keep)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """A non-finite gradient norm stops the run like a non-finite loss (the update it made is not kept)."""
+        if grad_norm is not None and self.nonfinite is None and not math.isfinite(float(grad_norm)):
+            self.nonfinite = (self.state.global_step, f"the gradient norm became {float(grad_norm)}")
+        if self.nonfinite is not None:
+            self.control.should_training_stop = True
+            self.control.should_save = False
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.nonfinite is None and not torch.isfinite(loss).all():
-            self.nonfinite = (self.state.global_step + 1, float(loss.float().mean()))
+            self.nonfinite = (self.state.global_step + 1, f"the loss became {float(loss.float().mean())}")
         return loss
 
 
@@ -108,7 +136,7 @@ class RunCallback(TrainerCallback):
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.trainer is not None and self.trainer.nonfinite is None:
-            self.trainer.nonfinite = (self.trainer.state.global_step, float("nan"))
+            self.trainer.nonfinite = (self.trainer.state.global_step + 1, "the loss became non-finite on another rank")
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -129,7 +157,7 @@ class RunCallback(TrainerCallback):
                "grad_norm": logs.get("grad_norm"), "samples_per_s": round(samples / elapsed, 3),
                "tokens_per_s": round(tokens / elapsed, 1), "epoch": logs.get("epoch")}
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
         self.last_time, self.last_step, self.last_tokens = now, state.global_step, self.collator.tokens
 
 
@@ -202,64 +230,66 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     identity = run_identity(options)
     args = training_arguments(options, backend, dtype, world_size)
     args.device  # sets up the process group, which the choice of checkpoint is shared over
-    resume, refusal = None, None
-    if rank == 0:
-        try:
-            resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size,
-                                     options.max_steps)
-        except (UserError, NothingToDo) as exc:
-            refusal = exc
-    if world_size > 1:
-        resume, refusal = _broadcast_decision(resume, refusal)
-    if refusal is not None:
-        leave_process_group()
-        raise refusal
-    options.output.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:  # rank 0 holds the run directory's lock throughout
+        resume, refusal = None, None
+        if rank == 0:
+            try:
+                held.enter_context(exclusive(options.output, "this training run"))
+                resume = prepare_run_dir(options.output, identity, options.resume, options.overwrite, world_size,
+                                         options.max_steps)
+            except (UserError, NothingToDo) as exc:
+                refusal = exc
+        if world_size > 1:
+            resume, refusal = _broadcast_decision(resume, refusal)
+        if refusal is not None:
+            leave_process_group()
+            raise refusal
+        options.output.mkdir(parents=True, exist_ok=True)
 
-    backend.seed(options.seed)
-    model = build_model(options, backend, dtype, local_rank)
-    padding = options.padding or ("fixed" if backend.name == "npu" else "dynamic")
-    collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
-    callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
-    trainer = GlmTrainer(model=model, args=args,
-                         train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method,
-                         base_dir=options.model, **token_weighted_loss(model))
-    callback.trainer = trainer
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if rank == 0:
-        if resume is not None:
-            truncate_metrics(options.output, int(resume.name.rsplit("-", 1)[-1]))
-        write_json_object(options.output / RUN_JSON, {
-            "glm_portable_version": __version__, "identity": identity, "options": options.as_dict(),
-            "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
-                        "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
-                        "dist_backend": backend.dist_backend,
-                        "kernels": getattr(model, "kernels", None) and model.kernels.name},
-            "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
-            "data": {"path": str(options.data), "template": manifest["template"], "rows": len(dataset),
-                     "tokenizer": manifest["tokenizer"]["fingerprint"]},
-            "resumed_from": str(resume) if resume else None, "versions": library_versions(),
-            "impl": options.impl, "patches": list(APPLIED.names),
-        })
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if trainer.nonfinite is not None:
-        step, value = trainer.nonfinite
-        kept = complete_checkpoints(options.output)
-        raise TrainingStopped(f"the loss became {value} at step {step}; training stopped there. "
-                              f"Last good checkpoint: {kept[-1] if kept else 'none (no checkpoint was saved before it)'}")
-    if not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
-        trainer._save_checkpoint(trainer.model, None)
-    metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
-    metrics["train_samples"] = len(dataset)
-    metrics["peak_memory_bytes_per_rank"] = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
-    if rank == 0:
-        for name in (RESULTS, ALL_RESULTS):
-            write_json_object(options.output / name, metrics)
-        write_text_atomic(options.output / TRAINER_STATE,
-                          json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n")
-        plot_loss(options.output)
-    leave_process_group()
-    return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
+        backend.seed(options.seed)
+        model = build_model(options, backend, dtype, local_rank)
+        padding = options.padding or ("fixed" if backend.name == "npu" else "dynamic")
+        collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
+        callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
+        trainer = GlmTrainer(model=model, args=args,
+                             train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method,
+                             base_dir=options.model, **token_weighted_loss(model))
+        callback.trainer = trainer
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if rank == 0:
+            truncate_metrics(options.output, checkpoint_step(resume) if resume is not None else 0)
+            write_json_object(options.output / RUN_JSON, {
+                "glm_portable_version": __version__, "identity": identity, "options": options.as_dict(),
+                "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
+                            "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
+                            "dist_backend": backend.dist_backend,
+                            "kernels": getattr(model, "kernels", None) and model.kernels.name},
+                "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
+                "data": {"path": str(options.data), "template": manifest["template"], "rows": len(dataset),
+                         "tokenizer": manifest["tokenizer"]["fingerprint"]},
+                "resumed_from": str(resume) if resume else None, "versions": library_versions(),
+                "impl": options.impl, "patches": list(APPLIED.names),
+            })
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if trainer.nonfinite is None and not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
+            trainer._save_checkpoint(trainer.model, None)
+        if trainer.nonfinite is not None:
+            step, what = trainer.nonfinite
+            kept = complete_checkpoints(options.output)
+            leave_process_group()
+            raise TrainingStopped(f"{what} at step {step}; training stopped there. "
+                                  f"Last good checkpoint: {kept[-1] if kept else 'none (no checkpoint was saved before it)'}")
+        metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
+        metrics["train_samples"] = len(dataset)
+        metrics["peak_memory_bytes_per_rank"] = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
+        if rank == 0:
+            for name in (RESULTS, ALL_RESULTS):
+                write_json_object(options.output / name, metrics)
+            write_text_atomic(options.output / TRAINER_STATE,
+                              json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n")
+            plot_loss(options.output)
+        leave_process_group()
+        return TrainResult(metrics, trainer.accelerator.unwrap_model(trainer.model))
 
 
 def gather_from_ranks(value: Any, world_size: int) -> list[Any]:

@@ -167,13 +167,46 @@ def test_refusals_exit_2_with_one_message(tiny_dir, tiny2_dir, data_dir, tmp_pat
         assert "Traceback" not in result.stderr
 
 
-def test_non_finite_loss_stops_cleanly_and_names_the_step(tiny_dir, data_dir, tmp_path):
-    options = _options(tiny_dir, data_dir, tmp_path / "run", lr=1e38, max_steps=12, save_steps=1)
-    with pytest.raises(TrainingStopped, match=r"at step \d+; training stopped there. Last good checkpoint") as info:
+def _complete_tensors_are_finite(run_dir):
+    from glm_portable.training.run_dir import complete_checkpoints
+
+    kept = complete_checkpoints(run_dir)
+    for checkpoint in kept:
+        for name, tensor in load_file(str(next(checkpoint.glob("*.safetensors")))).items():
+            assert torch.isfinite(tensor).all(), f"{checkpoint.name}: {name} is not finite"
+    return kept
+
+
+@pytest.mark.parametrize("method,lr,what", [("ptuning", 1e38, "became non-finite"),
+                                            ("ptuning", float("inf"), "became non-finite"),
+                                            ("lora", 1e20, "became")])
+def test_non_finite_training_stops_and_keeps_only_good_checkpoints(tiny_dir, data_dir, tmp_path, method, lr, what):
+    """A step whose loss, gradient norm or updated parameters are not finite ends the run (exit 1 from the
+    CLI); no checkpoint with a non-finite tensor is marked complete; metrics.jsonl stays strict JSON."""
+    options = _options(tiny_dir, data_dir, tmp_path / "run", method=method, lr=lr, max_steps=12, save_steps=1)
+    with pytest.raises(TrainingStopped, match=rf"{what}.* at step \d+; training stopped there. Last good checkpoint"):
         _train(options)
-    step = int(str(info.value).split("at step ")[1].split(";")[0])
-    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
-    assert kept and max(kept) < step
+    _complete_tensors_are_finite(tmp_path / "run")
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_the_named_last_good_checkpoint_evaluates(tiny_dir, data_dir, tmp_path):
+    """LoRA at lr 1e20: the first update is finite, the next step is not; the checkpoint named is complete,
+    finite and evaluates."""
+    from glm_portable.evaluation import EvalOptions, evaluate, evaluation_settings
+
+    options = _options(tiny_dir, data_dir, tmp_path / "run", method="lora", lr=1e20, max_steps=12, save_steps=1)
+    with pytest.raises(TrainingStopped) as info:
+        _train(options)
+    named = Path(str(info.value).split("Last good checkpoint: ")[1])
+    assert named in _complete_tensors_are_finite(tmp_path / "run")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps({"content": f"类型#裙*颜色#{c}", "summary": "好"}, ensure_ascii=False)
+                             for c in COLORS[:2]))
+    results = evaluate(EvalOptions(model=tiny_dir, data=dev, output=tmp_path / "eval", checkpoint=named,
+                                   sampling=evaluation_settings(max_new_tokens=4)), get_backend("cpu"))
+    assert results["samples"] == 2
 
 
 def test_dry_run_plans_npu_through_the_double_and_cuda(tiny_dir, data_dir, tmp_path):
