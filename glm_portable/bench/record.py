@@ -19,6 +19,8 @@ RECORD_FORMAT = "glm-portable-bench/1"
 REQUIRED = ("name", "workload", "device.backend", "device.name", "device.count", "dtype", "versions.torch",
             "results.samples_per_s", "results.tokens_per_s", "results.step_time_s", "results.peak_memory_bytes",
             "results.losses")
+NUMBERS = ("device.count", "results.samples_per_s", "results.tokens_per_s")
+NUMBER_LISTS = ("results.losses", "results.peak_memory_bytes")
 
 
 def code_version() -> str:
@@ -69,9 +71,18 @@ def read_record(path: Path) -> dict[str, Any]:
             _field(record, dotted)
         except KeyError:
             raise UserError(f"{path}: field {dotted} is missing (a file written by `glm-portable bench`)") from None
-    losses = record["results"]["losses"]
-    if not isinstance(losses, list) or not all(v is None or isinstance(v, (int, float)) for v in losses):
-        raise UserError(f"{path}: field results.losses must be a list of numbers")
+    for dotted in NUMBERS:
+        value = _field(record, dotted)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{path}: field {dotted} is {value!r}; expected a number")
+    for dotted in NUMBER_LISTS:
+        values = _field(record, dotted)
+        if not isinstance(values, list) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                                   for v in values):
+            raise UserError(f"{path}: field {dotted} must be a list of numbers")
+    step_times = _field(record, "results.step_time_s")
+    if not isinstance(step_times, dict) or not all(isinstance(v, (int, float)) for v in step_times.values()):
+        raise UserError(f"{path}: field results.step_time_s must map p50 / p90 / mean to numbers")
     return record
 
 

@@ -29,7 +29,7 @@ class BadRow(UserError):
 
 
 def _is_array(text: str) -> bool:
-    stripped = text.lstrip("\ufeff \t\r\n")
+    stripped = text.lstrip(" \t\r\n")
     return stripped.startswith("[")
 
 
@@ -68,10 +68,11 @@ def read_records(path: str | Path) -> Iterator[Record | BadRow]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write, for both layouts
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     if _is_array(text):
-        yield from _array_records(str(path), text.lstrip("\ufeff"))
+        yield from _array_records(str(path), text)
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -121,6 +121,32 @@ def load_config(model_dir: str | Path) -> ChatGLMConfig:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
         if key not in data:
             raise UserError(f"{path}: field {key!r} missing (expected a ChatGLM2/3 config)")
+    check_field_types(data, str(path))
     config = ChatGLMConfig(upstream=data)
     config.validate(str(path))
     return config
+
+
+def check_field_types(data: dict[str, Any], source: str) -> None:
+    """Each known field must have its default's type (an int may stand for a float; null where the default is)."""
+    for key, default in UPSTREAM_DEFAULTS.items():
+        if key not in data or data[key] is None or default is None:
+            continue
+        value = data[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise UserError(f"{source}: field {key!r} is {value!r}; expected {type(default).__name__} "
+                            f"(like {default!r})")
+        if isinstance(default, int) and not isinstance(default, bool) and key in POSITIVE_FIELDS and value < 1:
+            raise UserError(f"{source}: field {key!r} is {value}; expected a positive integer")
+
+
+POSITIVE_FIELDS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
+                   "num_attention_heads", "seq_length", "multi_query_group_num")

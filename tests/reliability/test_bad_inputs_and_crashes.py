@@ -197,3 +197,31 @@ def test_bench_mistakes_get_one_message(tmp_path):
     refused(cli("bench", "--shape", "tiny", "--out", tmp_path / "r.json", "--peak-tflops", "-5"),
             "--peak-tflops must be a positive number")
     refused(cli("bench", "--shape", "tiny", "--out", tmp_path), "is a directory")
+
+
+def test_a_config_field_of_the_wrong_type_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_layers": "two"}))
+    refused(cli("chat", "--model", model, "--query", "hi"), "config.json: field 'num_layers' is 'two'; expected int")
+
+
+def test_a_byte_order_mark_is_read_the_same_in_json_lines_and_arrays(tiny_dir, tmp_path):
+    from glm_portable.data.reader import read_records
+
+    lines, array = tmp_path / "rows.jsonl", tmp_path / "rows.json"
+    lines.write_text("\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS[:2]), encoding="utf-8")
+    array.write_text("\ufeff" + json.dumps(ROWS[:2], ensure_ascii=False), encoding="utf-8")
+    assert [r.value for r in read_records(lines)] == [r.value for r in read_records(array)] == ROWS[:2]
+
+
+def test_a_bench_record_with_a_string_for_a_number_is_named(tmp_path):
+    assert cli("bench", "--shape", "tiny", "--steps", "2", "--warmup", "0", "--out", tmp_path / "a.json").returncode == 0
+    record = json.loads((tmp_path / "a.json").read_text())
+    record["results"]["samples_per_s"] = "fast"
+    (tmp_path / "b.json").write_text(json.dumps(record))
+    refused(cli("compare", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "cmp"),
+            "field results.samples_per_s is 'fast'; expected a number")
