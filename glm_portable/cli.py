@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -578,6 +579,12 @@ def config_defaults(argv: list[str]) -> dict[str, dict]:
     return {command: values}
 
 
+# A path the user gave that cannot be written (permissions, read-only, full disk, a file where a folder
+# goes): their environment, not our bug, so one message and exit 2 rather than a traceback.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                  errno.EEXIST}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one message and exit code 2 for user mistakes, never a traceback.
 
@@ -593,6 +600,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

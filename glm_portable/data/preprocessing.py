@@ -20,7 +20,7 @@ from glm_portable.atomic import atomic_directory, refuse_to_replace
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.locking import exclusive
-from glm_portable.modeling import load_tokenizer
+from glm_portable.modeling import load_config, load_tokenizer
 
 from .formats import FORMATS, Columns, Example, detect_format, to_example
 from .manifest import FORMAT_VERSION, MANIFEST, cache_key, file_sha256, read_manifest
@@ -176,6 +176,7 @@ def preprocess(options: PreprocessOptions, progress: Optional[Progress] = None) 
 
 def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> PreprocessResult:
     options.validate()
+    load_config(options.model)  # the directory must be a model this tool trains, before any work
     tokenizer = load_tokenizer(options.model)
     template = template_for(tokenizer)
     splits = {"train": options.train_file}

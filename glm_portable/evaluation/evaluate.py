@@ -19,7 +19,7 @@ from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
-from glm_portable.training.methods import detect_method
+from glm_portable.training.methods import check_same_architecture, detect_method
 from glm_portable.training.run_dir import complete_checkpoints
 
 from .generation import evaluation_settings, generate_batched
@@ -82,6 +82,7 @@ def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Bac
         return base()
     checkpoint = resolve_checkpoint(checkpoint)
     method = detect_method(checkpoint)
+    check_same_architecture(model_dir, checkpoint)
     if method == "lora":
         from peft import PeftModel
 
@@ -145,6 +146,10 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     if options.limit is not None and options.limit < 1:
         raise UserError(f"--limit must be at least 1, got {options.limit}")
     options.sampling.check()
+    if not options.data.is_dir() and options.max_source_length < 4:
+        raise UserError(f"--max-source-length {options.max_source_length} leaves no room for the prompt (at least 4)")
+    if options.max_target_length < 3:
+        raise UserError(f"--max-target-length {options.max_target_length} leaves no room for the answer (at least 3)")
     check_output(Path(options.output), options.overwrite)
     tokenizer = load_tokenizer(options.model)
     rows = evaluation_rows(options, tokenizer)

@@ -10,7 +10,7 @@ import torch
 
 from glm_portable.backends import Backend
 from glm_portable.errors import UserError
-from glm_portable.jsonfile import read_json_object
+from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
 from glm_portable.modeling.checkpoint import copy_model_files, load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY, reset_prefix_encoder
@@ -68,8 +68,26 @@ def detect_method(checkpoint: Path) -> str:
     return "full"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                     "multi_query_group_num", "padded_vocab_size", "seq_length", "rope_ratio")
+BASE_CONFIG = "base_config.json"  # beside a LoRA adapter: the architecture it was trained on
+
+
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in ARCHITECTURE_KEYS if k in config}
+
+
+def check_same_architecture(model_dir: Path, checkpoint: Path) -> None:
+    """Refuse a prefix or adapter trained on another model: same-shaped tensors would load and generate nonsense."""
+    source = checkpoint / (BASE_CONFIG if (checkpoint / BASE_CONFIG).is_file() else "config.json")
+    base_file = Path(model_dir) / "config.json"
+    if not source.is_file() or not base_file.is_file():
+        return
+    trained, base = architecture(read_json_object(source)), architecture(read_json_object(base_file))
+    differing = sorted(k for k in trained if k in base and trained[k] != base[k])
+    if differing:
+        details = ", ".join(f"{k} {trained[k]} vs {base[k]}" for k in differing)
+        raise UserError(f"{checkpoint}: trained on another model than {model_dir} ({details})")
 
 
 def save_trained(model: torch.nn.Module, method: str, directory: Path,
@@ -92,6 +110,9 @@ def save_trained(model: torch.nn.Module, method: str, directory: Path,
             copy_model_files(base_dir, directory)
     else:
         model.save_pretrained(str(directory), safe_serialization=True)
+        base = model.get_base_model().config
+        values = base.upstream_dict() if isinstance(base, ChatGLMConfig) else base.to_dict()
+        write_json_object(directory / BASE_CONFIG, architecture(values))
 
 
 def _save_config(config: Any, directory: Path, dtype: Optional[str] = None) -> None:

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -270,7 +271,11 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
                 "resumed_from": str(resume) if resume else None, "versions": library_versions(),
                 "impl": options.impl, "patches": list(APPLIED.names),
             })
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"{resume}: holds pickled objects that are not plain tensors, which are never loaded: "
+                            f"{str(exc).splitlines()[0]}") from None
         if trainer.nonfinite is None and not (options.output / f"checkpoint-{trainer.state.global_step}").is_dir():
             trainer._save_checkpoint(trainer.model, None)
         if trainer.nonfinite is not None:

@@ -225,3 +225,37 @@ def test_a_bench_record_with_a_string_for_a_number_is_named(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(record))
     refused(cli("compare", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "cmp"),
             "field results.samples_per_s is 'fast'; expected a number")
+
+
+def test_a_path_under_a_file_is_one_message_for_any_command(tiny_dir, data, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    refused(cli("evaluate", "--model", tiny_dir, "--data", data, "--output", taken / "sub", "--max-new-tokens", "2"),
+            "a-file")
+    refused(cli("bench", "--shape", "tiny", "--steps", "1", "--warmup", "0", "--out", taken / "r.json"), "a-file")
+
+
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_a_checkpoint_of_another_model_is_refused(tiny_dir, tiny2_dir, data, tmp_path, method):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_dir, data, run, "--method", method, "--max-steps", "2")).returncode == 0
+    refused(cli("chat", "--model", tiny2_dir, "--checkpoint", run, "--query", "hi"), "trained on another model",
+            "num_attention_heads 4 vs 8")
+    assert cli("chat", "--model", tiny_dir, "--checkpoint", run, "--query", "hi", "--max-new-tokens", "2").returncode == 0
+
+
+def test_preprocess_reads_the_model_config_first(tiny_dir, raw, tmp_path):
+    import shutil
+
+    model = tmp_path / "v1"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "position_encoding_2d": True}))
+    refused(cli("preprocess", "--model", model, "--train-file", raw, "--out", tmp_path / "out"),
+            "ChatGLM-6B (first generation)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_evaluation_lengths_are_checked(tiny_dir, raw, tmp_path):
+    refused(cli("evaluate", "--model", tiny_dir, "--data", raw, "--output", tmp_path / "e", "--max-source-length", "0"),
+            "--max-source-length 0 leaves no room")
