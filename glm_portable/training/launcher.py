@@ -60,9 +60,68 @@ def launcher_command(options: TrainOptions, argv: list[str]) -> list[str]:
 
 
 def launch(options: TrainOptions, backend: Backend, argv: list[str]) -> int:
-    """Run ``nproc`` copies of this command on this node; returns the launcher's exit code."""
+    """Run ``nproc`` copies of this command on this node; returns the launcher's exit code, or 2 when the
+    processes stopped on a user mistake (each has said why, once is shown)."""
     env = {**os.environ, **child_environment(options, backend)}
-    return subprocess.call(launcher_command(options, child_argv(argv)), env=env)
+    process = subprocess.Popen(launcher_command(options, child_argv(argv)), env=env, stderr=subprocess.PIPE,
+                               text=True, errors="replace")
+    user_mistake = LauncherOutput(sys.stderr).relay(process.stderr)
+    code = process.wait()
+    return 2 if code and user_mistake else code
+
+
+class LauncherOutput:
+    """Passes the processes' stderr through, leaving out torch's launcher report of a child that exited 2.
+
+    That report (a ChildFailedError traceback and a summary table) follows the child's own one-line
+    message; for a user mistake it only repeats it as a crash. Other failures keep everything.
+    Identical error lines from several ranks are shown once.
+    """
+
+    SUMMARY_EDGE = "=" * 20
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.shown_errors: set[str] = set()
+
+    def relay(self, stream) -> bool:
+        held: list[str] = []
+        user_mistake = False
+        in_summary = False
+        for line in stream:
+            if in_summary:
+                held.append(line)
+                if "exitcode" in line and ": 2 " in line:
+                    user_mistake = True
+                continue
+            if held:
+                held.append(line)
+                if not line.startswith((" ", "\t", "Traceback")):
+                    if "ChildFailedError" in line:
+                        in_summary = True
+                    else:
+                        self._write(held)
+                    if not in_summary:
+                        held = []
+                continue
+            if line.startswith("Traceback (most recent call last):"):
+                held.append(line)
+            elif "failed (exitcode: 2)" in line and "elastic" in line:
+                continue
+            else:
+                self._write([line])
+        if held and not user_mistake:
+            self._write(held)
+        return user_mistake
+
+    def _write(self, lines: list[str]) -> None:
+        for line in lines:
+            if line.startswith("error:"):
+                if line in self.shown_errors:
+                    continue
+                self.shown_errors.add(line)
+            self.out.write(line)
+        self.out.flush()
 
 
 def trainable_parameters(options: TrainOptions, shape: ChatGLMConfig | None = None) -> tuple[int, int]:

@@ -259,3 +259,13 @@ def test_preprocess_reads_the_model_config_first(tiny_dir, raw, tmp_path):
 def test_raw_evaluation_lengths_are_checked(tiny_dir, raw, tmp_path):
     refused(cli("evaluate", "--model", tiny_dir, "--data", raw, "--output", tmp_path / "e", "--max-source-length", "0"),
             "--max-source-length 0 leaves no room")
+
+
+def test_a_mistake_found_by_the_launched_processes_is_one_message(tiny2_dir, data, tmp_path):
+    """The data was preprocessed for another tokenizer; both ranks find it, the launcher says nothing more."""
+    from tests.conftest import free_port
+
+    result = cli("train", "--model", tiny2_dir, "--data", data, "--output", tmp_path / "run", "--nproc", "2",
+                 "--master-port", free_port(), "--max-steps", "2")
+    refused(result, "preprocessed for another model")
+    assert "ChildFailedError" not in result.stderr and result.stderr.count("preprocessed for another model") == 1
