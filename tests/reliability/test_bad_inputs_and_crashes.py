@@ -269,3 +269,42 @@ def test_a_mistake_found_by_the_launched_processes_is_one_message(tiny2_dir, dat
                  "--master-port", free_port(), "--max-steps", "2")
     refused(result, "preprocessed for another model")
     assert "ChildFailedError" not in result.stderr and result.stderr.count("preprocessed for another model") == 1
+
+
+def test_train_and_make_tiny_model_keep_a_directory_they_did_not_make(tiny_dir, data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused(cli(*train_args(tiny_dir, data, mine)), "not a glm-portable run", "--overwrite")
+    refused(cli("make-tiny-model", mine), "not empty", "--overwrite")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+class Payload:
+    """Not a tensor: weights_only loading refuses to build it."""
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused_even_with_matching_checksums(tiny_dir, data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_dir, data, run, "--max-steps", "2")).returncode == 0
+    checkpoint = complete_checkpoints(run)[-1]
+    torch.save({"state": Payload()}, checkpoint / "optimizer.pt")
+    mark_complete(checkpoint)  # as if whoever swapped the file rewrote the marker too
+    refused(cli(*train_args(tiny_dir, data, run, "--resume", "auto")), "pickled objects that are not plain tensors")
+
+
+def test_compare_and_preprocess_refuse_what_they_cannot_own(tiny_dir, raw, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    assert cli("bench", "--shape", "tiny", "--steps", "1", "--warmup", "0", "--out", tmp_path / "r.json").returncode == 0
+    refused(cli("compare", tmp_path / "r.json", "--out", taken), "is a file")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        out = tmp_path / "data"
+        lock_path(out).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
+        refused(cli("preprocess", "--model", tiny_dir, "--train-file", raw, "--out", out), "already being written")
+    finally:
+        holder.kill()
+        holder.wait()
