@@ -27,17 +27,15 @@ IMPL_HELP = ("native (glm-portable's model) or remote (the model directory's own
 
 
 def option(default: Any = _REQUIRED, help: str = "", *, minimum: Optional[float] = None,
-           maximum: Optional[float] = None, envvar: Optional[str] = None, argument: bool = False) -> Any:
-    """A dataclass field that is also a command-line option (``--field-name``), or a positional ``argument``.
+           maximum: Optional[float] = None, envvar: Optional[str] = None) -> Any:
+    """A dataclass field that is also a command-line option (``--field-name``).
 
     ``minimum`` / ``maximum`` are inclusive bounds checked by ``validate``; ``envvar`` lets the
     environment supply the value (for secrets that should not appear in a process list).
     """
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "envvar": envvar, "argument": argument}
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "envvar": envvar}
     if default is _REQUIRED:
         return dataclasses.field(metadata=metadata)
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -64,12 +62,12 @@ def choices_of(annotation: Any) -> Optional[tuple[Any, ...]]:
 
 def validate(options: Any) -> None:
     """Check every field's choices and bounds; one UserError naming the flag and what was expected."""
-    types = _field_types(type(options))
+    hints = _field_types(type(options))
     for spec in dataclasses.fields(options):
         value = getattr(options, spec.name)
         if value is None:
             continue
-        allowed = choices_of(types[spec.name])
+        allowed = choices_of(hints[spec.name])
         if allowed is not None and value not in allowed:
             raise UserError(f"{flag(spec.name)} {value!r}: expected one of {', '.join(map(str, allowed))}")
         if isinstance(value, float) and math.isnan(value):
@@ -82,8 +80,7 @@ def validate(options: Any) -> None:
 
 
 def _parameter(spec: dataclasses.Field, annotation: Any) -> inspect.Parameter:
-    default = ... if spec.default is _REQUIRED and spec.default_factory is _REQUIRED else (
-        spec.default if spec.default is not _REQUIRED else spec.default_factory())
+    default = ... if spec.default is _REQUIRED else spec.default
     help_text = spec.metadata.get("help", "")
     allowed = choices_of(annotation)
     extra: dict[str, Any] = {}
@@ -92,9 +89,7 @@ def _parameter(spec: dataclasses.Field, annotation: Any) -> inspect.Parameter:
         help_text = f"{help_text} ({'|'.join(map(str, allowed))})"
     if spec.metadata.get("envvar"):
         extra["envvar"] = spec.metadata["envvar"]
-    if spec.metadata.get("argument"):
-        value = typer.Argument(default, help=help_text, **extra)
-    elif annotation is bool:
+    if annotation is bool:
         value = typer.Option(default, f"{flag(spec.name)}/{flag('no_' + spec.name)}", help=help_text, **extra)
     else:
         value = typer.Option(default, flag(spec.name), help=help_text, **extra)
@@ -104,11 +99,11 @@ def _parameter(spec: dataclasses.Field, annotation: Any) -> inspect.Parameter:
 def typer_command(schema: type[T], run: Callable[[T], None], doc: str) -> Callable[..., None]:
     """A function typer turns into a command with one flag per field of ``schema``; it builds the
     options, validates them (``validate`` then the schema's own ``check()``) and calls ``run``."""
-    types = _field_types(schema)
-    parameters = [_parameter(spec, types[spec.name]) for spec in dataclasses.fields(schema)]
+    hints = _field_types(schema)
+    parameters = [_parameter(spec, hints[spec.name]) for spec in dataclasses.fields(schema)]
 
     def command(**values: Any) -> None:
-        converted = {name: _convert(types[name], value) for name, value in values.items()}
+        converted = {name: _convert(hints[name], value) for name, value in values.items()}
         options = schema(**converted)
         validate(options)
         check = getattr(options, "check", None)
