@@ -552,7 +552,8 @@ def config_defaults(argv: list[str]) -> dict[str, dict]:
             raise UserError("--config needs a YAML file")
         path = Path(argv[index + 1])
         del argv[index:index + 2]
-    elif command_at is not None and command_at + 1 < len(argv) and argv[command_at + 1].endswith((".yaml", ".yml")):
+    elif (command_at is not None and command_at + 1 < len(argv) and argv[command_at + 1].endswith((".yaml", ".yml"))
+          and Path(argv[command_at + 1]).is_file()):
         path = Path(argv.pop(command_at + 1))
     else:
         return {}
