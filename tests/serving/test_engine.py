@@ -16,7 +16,7 @@ QUESTIONS = ["你好", "类型#裙*颜色#红色", "hello there", "a"]
 
 
 def ask_together(engine, tokenizer, questions, sampling):
-    answers, done = {}, []
+    answers = {}
 
     def ask(question):
         parts, finished = [], threading.Event()
