@@ -71,12 +71,9 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """
     out_dir = Path(out_dir)
     refuse_to_replace(out_dir, overwrite)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
-    except OSError as exc:
-        raise UserError(f"{out_dir}: cannot write there: {exc.strerror or exc}") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)

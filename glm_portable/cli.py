@@ -216,7 +216,7 @@ def train_command(
     if (nproc > 1 or nnodes > 1 or options.deepspeed) and not is_launched_child():
         plan(options, selection.backend, selection.reason)
         checkpoint = resolve_resume(options.output, run_identity(options), options.resume, options.overwrite,
-                                    nproc * nnodes)
+                                    nproc * nnodes, verify=False)  # rank 0 verifies the checksums once
         refuse_finished(options.output, checkpoint, options.max_steps)
         console.print(f"launching {nproc} × {nnodes} processes on {selection.backend.name}")
         raise typer.Exit(launch(options, selection.backend, sys.argv[1:]))

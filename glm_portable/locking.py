@@ -36,10 +36,7 @@ def _holder(lock: Path) -> dict:
 def exclusive(directory: Path, what: str) -> Iterator[None]:
     """Hold ``directory``'s lock while the block runs; a UserError names the holder if another process has it."""
     lock = lock_path(directory)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{directory}: cannot write there: {exc.strerror or exc}") from None
+    lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
     while True:
         try:
@@ -53,8 +50,6 @@ def exclusive(directory: Path, what: str) -> Iterator[None]:
                 continue
             raise UserError(f"{directory}: {what} is already being written by process {pid} on {host} since "
                             f"{holder.get('since')} ({lock}); wait for it to finish, or use another directory") from None
-        except OSError as exc:
-            raise UserError(f"{directory}: cannot write there: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(me, f)
         break

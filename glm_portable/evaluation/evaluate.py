@@ -119,10 +119,7 @@ def evaluation_rows(options: EvalOptions, tokenizer) -> EvalRows:
 def write_outputs(output: Path, predictions: list[str], references: list[str], results: dict[str, Any]) -> None:
     """THUDM's files (generated_predictions.txt, one {"labels", "predict"} object a line; predict_results.json
     and all_results.json with ``predict_``-prefixed keys) and ours (eval_results.json)."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--output {output}: cannot write there: {exc.strerror or exc}") from None
+    output.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"labels": l, "predict": p}, ensure_ascii=False) + "\n" for p, l in zip(predictions, references))
     write_text_atomic(output / PREDICTIONS, lines)
     thudm = {f"predict_{k}": results[k] for k in METRIC_KEYS}

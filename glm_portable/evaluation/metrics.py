@@ -1,4 +1,4 @@
-"""BLEU-4 and ROUGE exactly as THUDM's P-Tuning evaluation computes them (REFERENCE §4).
+"""BLEU-4 and ROUGE exactly as THUDM's P-Tuning evaluation computes them (docs/thudm-compatibility.md).
 
 ROUGE-1/2/L: rouge_chinese on jieba words joined by spaces, F-measure x 100. BLEU-4: nltk
 sentence_bleu on characters with smoothing method3, x 100. Per-sample scores rounded to 4 places

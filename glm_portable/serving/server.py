@@ -11,7 +11,6 @@ from glm_portable.backends import select_backend
 from glm_portable.errors import UserError
 from glm_portable.evaluation import load_for_inference
 from glm_portable.modeling import load_tokenizer
-from glm_portable.modeling.remote import check_remote_dir
 from glm_portable.process import start_process
 
 from .api import ServerSettings, create_app
@@ -44,8 +43,6 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     selection = select_backend(options.device)
     start_process(selection.backend)
     tokenizer = load_tokenizer(options.model)
-    if options.impl == "remote":
-        check_remote_dir(options.model)
     model = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl)
     engine = GenerationEngine(model, tokenizer, options.max_batch_size, options.batch_wait_ms / 1000)
     settings = ServerSettings(model_name=options.served_name(), max_new_tokens=options.max_new_tokens,

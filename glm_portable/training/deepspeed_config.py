@@ -21,7 +21,7 @@ BUCKET = 5e8
 
 def build_deepspeed_config(stage_name: str, dtype: torch.dtype, offload: bool = False,
                            user_config: Optional[Path] = None) -> dict[str, Any]:
-    """``dtype`` is the compute precision: bf16 or fp16 (with REFERENCE §4's dynamic loss scale) or fp32."""
+    """``dtype`` is the compute precision: bf16, fp16 (THUDM's dynamic loss scale, docs/thudm-compatibility.md) or fp32."""
     if stage_name not in STAGES:
         raise UserError(f"--deepspeed {stage_name!r}: expected one of {', '.join(STAGES)}")
     zero: dict[str, Any] = {

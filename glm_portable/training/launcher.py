@@ -78,37 +78,29 @@ class LauncherOutput:
     Identical error lines from several ranks are shown once.
     """
 
-    SUMMARY_EDGE = "=" * 20
-
     def __init__(self, out) -> None:
         self.out = out
         self.shown_errors: set[str] = set()
 
     def relay(self, stream) -> bool:
-        held: list[str] = []
-        user_mistake = False
-        in_summary = False
+        """Relay ``stream``; True when the launcher reported a child that exited 2 (its report is dropped)."""
+        held: list[str] = []  # a traceback, until its last line says whose it is
+        in_report = user_mistake = False
         for line in stream:
-            if in_summary:
+            if in_report:
                 held.append(line)
-                if "exitcode" in line and ": 2 " in line:
-                    user_mistake = True
-                continue
-            if held:
+                user_mistake = user_mistake or ("exitcode" in line and ": 2 " in line)
+            elif held:
                 held.append(line)
-                if not line.startswith((" ", "\t", "Traceback")):
-                    if "ChildFailedError" in line:
-                        in_summary = True
-                    else:
-                        self._write(held)
-                    if not in_summary:
-                        held = []
-                continue
-            if line.startswith("Traceback (most recent call last):"):
+                if line.startswith((" ", "\t", "Traceback")):
+                    continue
+                in_report = "ChildFailedError" in line
+                if not in_report:
+                    self._write(held)
+                    held = []
+            elif line.startswith("Traceback (most recent call last):"):
                 held.append(line)
-            elif "failed (exitcode: 2)" in line and "elastic" in line:
-                continue
-            else:
+            elif not ("failed (exitcode: 2)" in line and "elastic" in line):
                 self._write([line])
         if held and not user_mistake:
             self._write(held)

@@ -87,18 +87,20 @@ def verify_checkpoint(checkpoint: Path) -> None:
 
 
 def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str], overwrite: bool,
-                   world_size: int = 1) -> Optional[Path]:
+                   world_size: int = 1, verify: bool = True) -> Optional[Path]:
     """Decide, without changing anything, what a run does with its output dir; returns the checkpoint to resume.
 
     A dir holding a different run is refused unless --overwrite; the same run without --resume is
-    refused too, so that nothing is silently discarded.
+    refused too, so that nothing is silently discarded. ``verify`` checks the checkpoint's checksums
+    (``verify_checkpoint``); a launcher's early look leaves that to the rank that resumes.
     """
     existing = run_dir / RUN_JSON
     if overwrite:
         return None
     if resume not in (None, "auto"):
         checkpoint_step(Path(resume))
-        verify_checkpoint(Path(resume))
+        if verify:
+            verify_checkpoint(Path(resume))
         return Path(resume)
     if not existing.is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -120,7 +122,7 @@ def resolve_resume(run_dir: Path, identity: dict[str, Any], resume: Optional[str
                         f"state cannot resume on {world_size}. Resume with the same --nproc/--nnodes, or start a new run "
                         "from the checkpoint's weights (--model <checkpoint>)")
     checkpoints = complete_checkpoints(run_dir)
-    if checkpoints:
+    if checkpoints and verify:
         verify_checkpoint(checkpoints[-1])
     return checkpoints[-1] if checkpoints else None
 

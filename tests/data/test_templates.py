@@ -1,4 +1,4 @@
-"""Token ids and labels against an independent, row-by-row computation of REFERENCE §4."""
+"""Token ids and labels against an independent, row-by-row computation of the rules in docs/thudm-compatibility.md."""
 
 import pytest
 
