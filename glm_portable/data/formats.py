@@ -28,8 +28,11 @@ class Columns:
 
 @dataclass(frozen=True)
 class Example:
+    """``history_given``: the row came with a history column (ChatGLM-6B's prompt then takes the round form)."""
+
     where: str
     messages: tuple[dict, ...]
+    history_given: bool = False
 
 
 FORMAT_COLUMNS = {
@@ -135,4 +138,5 @@ def to_example(record: Record, fmt: str, columns: Columns) -> Example | None:
         answer = _text(row, columns.response or default_response, where)
     if not prompt or not answer:
         return None
-    return Example(where, tuple(history + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]))
+    return Example(where, tuple(history + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]),
+                   history_given=columns.history is not None)

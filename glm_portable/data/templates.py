@@ -16,7 +16,7 @@ from typing import Sequence
 
 from glm_portable.errors import UserError
 from glm_portable.modeling.model import IGNORE_INDEX
-from glm_portable.modeling.prompts import chatglm2_prompt
+from glm_portable.modeling.prompts import chatglm1_prompt, chatglm2_prompt
 from glm_portable.modeling.tokenizer import ROLES
 
 from .formats import Example
@@ -176,25 +176,17 @@ class ChatGLM3Roles(Template):
 
 
 class ChatGLM1(Template):
-    """ChatGLM-6B: needs its own tokenizer (``ice_text.model``) with [gMASK], sop and eop."""
+    """ChatGLM-6B (THUDM's v1 ptuning/main.py): the prompt cut to max_source−1, the answer to max_target−2."""
 
     name, family = "chatglm-v1", "chatglm"
 
     def fixed_length(self, max_source: int, max_target: int) -> int:
         return max_source + max_target
 
-    @staticmethod
-    def prompt(query: str, history: Sequence[dict]) -> str:
-        """v1 rounds count from 0 and use single newlines; without history the prompt is the query itself."""
-        pairs = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
-        if not pairs:
-            return query
-        text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(pairs))
-        return text + f"[Round {len(pairs)}]\n问：{query}\n答："
-
     def _sources(self, tokenizer, examples, max_source, source_prefix, num_threads, reserve):
         turns = [split_turn(e.messages) for e in examples]
-        texts = [source_prefix + system + self.prompt(query, history) for system, history, query, _ in turns]
+        texts = [source_prefix + system + chatglm1_prompt(query, history, e.history_given)
+                 for e, (system, history, query, _) in zip(examples, turns)]
         sources = tokenizer.encode_batch(texts, num_threads)
         return turns, [s[: max_source - reserve] for s in sources], sum(len(s) > max_source - reserve for s in sources)
 

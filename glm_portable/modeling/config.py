@@ -58,19 +58,28 @@ class ChatGLMConfig(PretrainedConfig):
     """The architecture of ChatGLM2-6B / ChatGLM3-6B and their long-context variants."""
 
     model_type = "chatglm"
+    DESCRIPTION = "ChatGLM2/3"
+    REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
+    DEFAULTS = UPSTREAM_DEFAULTS
+    MODEL_FIELDS = MODEL_FIELDS
 
     def __init__(self, **kwargs: Any) -> None:
         upstream = dict(kwargs.pop("upstream", {}) or {})
-        for key in MODEL_FIELDS:
-            value = kwargs.pop(key, upstream.get(key, UPSTREAM_DEFAULTS[key]))
+        for key in self.MODEL_FIELDS:
+            value = kwargs.pop(key, upstream.get(key, self.DEFAULTS[key]))
             upstream[key] = value
             setattr(self, key, value)
         self.upstream = upstream
-        kwargs.setdefault("eos_token_id", upstream["eos_token_id"])
-        kwargs.setdefault("pad_token_id", upstream["pad_token_id"])
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in upstream:
+                kwargs.setdefault(key, upstream[key])
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.num_hidden_layers = self.num_layers
+        self._derive_fields()
+
+    def _derive_fields(self) -> None:
+        """transformers' generic names for our fields."""
         self.vocab_size = self.padded_vocab_size
 
     @property
@@ -98,9 +107,9 @@ class ChatGLMConfig(PretrainedConfig):
 
     def upstream_dict(self, dtype: str | None = None) -> dict[str, Any]:
         """The config.json content: every upstream field, unknown ones preserved."""
-        data = dict(UPSTREAM_DEFAULTS)
+        data = dict(self.DEFAULTS)
         data.update(self.upstream)
-        for key in MODEL_FIELDS:
+        for key in self.MODEL_FIELDS:
             data[key] = getattr(self, key)
         if dtype is not None:
             data["torch_dtype"] = dtype
@@ -110,26 +119,93 @@ class ChatGLMConfig(PretrainedConfig):
         write_json_object(Path(directory) / "config.json", self.upstream_dict(dtype))
 
 
+V1_DEFAULTS: dict[str, Any] = {
+    "model_type": "chatglm",
+    "architectures": ["ChatGLMModel"],
+    "num_layers": 28,
+    "vocab_size": 130528,
+    "hidden_size": 4096,
+    "inner_hidden_size": 16384,
+    "num_attention_heads": 32,
+    "max_sequence_length": 2048,
+    "layernorm_epsilon": 1e-5,
+    "position_encoding_2d": True,
+    "bos_token_id": 130004,
+    "eos_token_id": 130005,
+    "mask_token_id": 130000,
+    "gmask_token_id": 130001,
+    "pad_token_id": 3,
+    "quantization_bit": 0,
+    "pre_seq_len": None,
+    "prefix_projection": False,
+    "use_cache": True,
+    "torch_dtype": "float16",
+}
+
+
+class ChatGLM1Config(ChatGLMConfig):
+    """The architecture of ChatGLM-6B (first generation); see docs/chatglm-6b.md."""
+
+    DESCRIPTION = "ChatGLM-6B"
+    REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size")
+    DEFAULTS = V1_DEFAULTS
+    MODEL_FIELDS = tuple(k for k in V1_DEFAULTS if k not in {"model_type", "architectures", "torch_dtype"})
+
+    def __init__(self, **kwargs: Any) -> None:  # defined, so that transformers' dataclass wrapper keeps ours
+        super().__init__(**kwargs)
+
+    def _derive_fields(self) -> None:
+        """The ChatGLM2/3 names the shared code reads (embedding rows, head size, length limit)."""
+        self.padded_vocab_size = self.vocab_size
+        self.kv_channels = self.hidden_size // self.num_attention_heads
+        self.seq_length = self.max_sequence_length
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Each half of a head rotates (by position, then by block position), NeoX-style."""
+        return self.kv_channels // 2
+
+    def validate(self, source: str) -> None:
+        problems = []
+        if not self.position_encoding_2d:
+            problems.append("position_encoding_2d=false (ChatGLM-6B uses 2-D positions)")
+        if self.quantization_bit:
+            problems.append(f"quantization_bit={self.quantization_bit} (quantized weights; load the fp16 model)")
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
+            problems.append(f"hidden_size={self.hidden_size} must split into {self.num_attention_heads} heads whose "
+                            "size is a multiple of 4")
+        if problems:
+            raise UserError(f"{source}: unsupported configuration: " + "; ".join(problems))
+
+
+def is_first_generation(data: dict[str, Any]) -> bool:
+    """ChatGLM-6B configs carry ``position_encoding_2d`` / ``inner_hidden_size``; ChatGLM2/3 ones do not."""
+    return "position_encoding_2d" in data or "inner_hidden_size" in data
+
+
 def load_config(model_dir: str | Path) -> ChatGLMConfig:
-    """Read ``config.json`` of a ChatGLM2/3 directory; unknown fields are kept, not rejected."""
+    """Read ``config.json`` of a ChatGLM-6B, ChatGLM2 or ChatGLM3 directory; unknown fields are kept, not rejected."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise UserError(f"{model_dir}: no config.json (expected a ChatGLM2/3 model directory)")
+        raise UserError(f"{model_dir}: no config.json (expected a ChatGLM model directory)")
     data = read_json_object(path)
-    if "position_encoding_2d" in data or "inner_hidden_size" in data:
-        raise UserError(f"{path}: this is a ChatGLM-6B (first generation) model; the native implementation covers ChatGLM2/3")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
+    config_class = ChatGLM1Config if is_first_generation(data) else ChatGLMConfig
+    for key in config_class.REQUIRED:
         if key not in data:
-            raise UserError(f"{path}: field {key!r} missing (expected a ChatGLM2/3 config)")
-    check_field_types(data, str(path))
-    config = ChatGLMConfig(upstream=data)
+            raise UserError(f"{path}: field {key!r} missing (expected a {config_class.DESCRIPTION} config)")
+    check_field_types(data, str(path), config_class.DEFAULTS)
+    config = config_class(upstream=data)
     config.validate(str(path))
     return config
 
 
-def check_field_types(data: dict[str, Any], source: str) -> None:
+def check_field_types(data: dict[str, Any], source: str, defaults: dict[str, Any] = UPSTREAM_DEFAULTS) -> None:
     """Each known field must have its default's type (an int may stand for a float; null where the default is)."""
-    for key, default in UPSTREAM_DEFAULTS.items():
+    for key, default in defaults.items():
         if key not in data or data[key] is None or default is None:
             continue
         value = data[key]
@@ -149,4 +225,5 @@ def check_field_types(data: dict[str, Any], source: str) -> None:
 
 
 POSITIVE_FIELDS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
-                   "num_attention_heads", "seq_length", "multi_query_group_num")
+                   "num_attention_heads", "seq_length", "multi_query_group_num", "vocab_size", "inner_hidden_size",
+                   "max_sequence_length")

@@ -11,12 +11,16 @@ import torch
 from glm_portable.atomic import atomic_directory
 from glm_portable.backends import Backend, select_backend
 from glm_portable.errors import UserError
+from glm_portable.jsonfile import read_json_object
 
 from .checkpoint import copy_model_files, iter_state_dict, load_weights, write_weights
-from .config import ChatGLMConfig, load_config
+from .architectures import new_model, optional_weight_prefixes
+from .config import ChatGLMConfig, is_first_generation, load_config
 from .model import ChatGLMForConditionalGeneration
 from .prefix import PREFIX_KEY
 from .tokenizer import ChatGLMTokenizer
+from .tokenizer_v1 import TOKENIZER_FILE as V1_TOKENIZER_FILE
+from .tokenizer_v1 import ChatGLM1Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -37,8 +41,15 @@ def _backend(device: str | Backend | None) -> Backend:
     return device if isinstance(device, Backend) else select_backend(device).backend
 
 
-def load_tokenizer(path: str | Path, family: Optional[str] = None) -> ChatGLMTokenizer:
-    """The tokenizer of a ChatGLM2/3 model directory (family detected unless given)."""
+def load_tokenizer(path: str | Path, family: Optional[str] = None) -> ChatGLMTokenizer | ChatGLM1Tokenizer:
+    """The tokenizer of a model directory: ChatGLM-6B's ``ice_text.model`` when its config is first-generation,
+    else ChatGLM2/3's ``tokenizer.model`` (family detected unless given)."""
+    path = Path(path)
+    config = path / "config.json"
+    if config.is_file() and is_first_generation(read_json_object(config)):
+        if not (path / V1_TOKENIZER_FILE).is_file():
+            raise UserError(f"{path}: no {V1_TOKENIZER_FILE} (a ChatGLM-6B directory needs its tokenizer file)")
+        return ChatGLM1Tokenizer.from_pretrained(path)
     return ChatGLMTokenizer.from_pretrained(path, family)
 
 
@@ -60,9 +71,9 @@ def load_model(
     backend = _backend(device)
     dtype = resolve_dtype(dtype, backend)
     model = _empty_model(load_config(path), backend, dtype, local_rank, pre_seq_len, prefix_projection)
-    uninitialised = load_weights(model, path, optional_prefixes=(PREFIX_KEY, "transformer.rotary_pos_emb."))
-    if any(k.startswith("transformer.rotary_pos_emb.") for k in uninitialised):
-        model.transformer.rotary_pos_emb.reset_inv_freq()
+    uninitialised = load_weights(model, path, optional_prefixes=optional_weight_prefixes(model.config))
+    if any(not k.startswith(PREFIX_KEY) for k in uninitialised):
+        model.reset_buffers()
     if model.config.pre_seq_len and any(k.startswith(PREFIX_KEY) for k in uninitialised):
         model.transformer.prefix_encoder.reset_parameters()
     return model.eval()
@@ -86,7 +97,7 @@ def random_model(
     model = _empty_model(copy.deepcopy(config), backend, dtype, local_rank, pre_seq_len, prefix_projection)
     with torch.no_grad():
         model.apply(model._init_weights)
-        model.transformer.rotary_pos_emb.reset_inv_freq()
+        model.reset_buffers()
         if model.config.pre_seq_len:
             model.transformer.prefix_encoder.reset_parameters()
     return model.eval()
@@ -101,7 +112,7 @@ def _empty_model(config: ChatGLMConfig, backend: Backend, dtype: torch.dtype, lo
             raise UserError(f"pre_seq_len must be a positive integer, got {pre_seq_len}")
         config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
+        model = new_model(config)
     model.to_empty(device=backend.device(local_rank))
     model.to(dtype)
     if config.pre_seq_len:

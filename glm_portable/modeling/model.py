@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
 
 from .config import ChatGLMConfig
-from .prefix import PrefixEncoder
+from .prefix import PrefixEncoder, prefix_key_values
 from .rotary import RotaryEmbedding, apply_rotary
 
 IGNORE_INDEX = -100
@@ -231,13 +231,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.embedding.word_embeddings = value
 
     def prefix_key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key, value), each ``[batch, kv_groups, P, kv_channels]``; no rotary is applied to them."""
-        config = self.config
-        tokens = torch.arange(self.pre_seq_len, device=self.prefix_encoder.embedding.weight.device)
-        out = self.prefix_encoder(tokens[None].expand(batch, -1)).to(dtype)
-        out = out.view(batch, self.pre_seq_len, config.num_layers, 2, config.kv_groups, config.kv_channels)
-        out = self.prefix_dropout(out).permute(2, 3, 0, 4, 1, 5)
-        return [(layer[0], layer[1]) for layer in out]
+        return prefix_key_values(self.prefix_encoder, self.prefix_dropout, self.config, batch, dtype)
 
     def forward(
         self,
@@ -319,6 +313,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     @property
     def kernels(self) -> Kernels:
         return self.transformer.encoder.layers[0].self_attention.kernels
+
+    def reset_buffers(self) -> None:
+        """The rotary table's default values, for weights that do not carry them."""
+        self.transformer.rotary_pos_emb.reset_inv_freq()
 
     def forward(
         self,

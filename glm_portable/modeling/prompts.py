@@ -1,4 +1,4 @@
-"""Prompt layouts of ChatGLM2 (rounds) and ChatGLM3 (role tokens), from a list of messages.
+"""Prompt layouts of ChatGLM-6B and ChatGLM2 (rounds) and ChatGLM3 (role tokens), from a list of messages.
 
 History is a list of ``{"role": ..., "content": ...}`` messages for both families, so callers
 need not know which one a model directory holds.
@@ -24,8 +24,18 @@ def chatglm2_prompt(query: str, history: Sequence[Message] = ()) -> str:
     return prompt + f"[Round {len(_rounds(history)) + 1}]\n\n问：{query}\n\n答："
 
 
+def chatglm1_prompt(query: str, history: Sequence[Message] = (), rounds: bool = False) -> str:
+    """ChatGLM-6B: ``[Round i]\n问：q\n答：a\n`` per past turn counting from 0, then the open round; with no
+    history the bare query, unless ``rounds`` asks for the round form anyway (THUDM's main.py with a history column)."""
+    pairs = _rounds(history)
+    if not pairs and not rounds:
+        return query
+    prompt = "".join(f"[Round {i}]\n问：{user}\n答：{assistant}\n" for i, (user, assistant) in enumerate(pairs))
+    return prompt + f"[Round {len(pairs)}]\n问：{query}\n答："
+
+
 def _rounds(history: Sequence[Message]) -> list[tuple[str, str]]:
-    """Pair user and assistant messages; ChatGLM2 has no other roles."""
+    """Pair user and assistant messages; ChatGLM-6B and ChatGLM2 have no other roles."""
     rounds, pending = [], None
     for message in history:
         role, content = message.get("role"), message.get("content", "")
@@ -35,7 +45,7 @@ def _rounds(history: Sequence[Message]) -> list[tuple[str, str]]:
             rounds.append((pending, content))
             pending = None
         elif role not in ("user", "assistant", "system"):
-            raise UserError(f"ChatGLM2 prompts have no role {role!r}")
+            raise UserError(f"ChatGLM-6B and ChatGLM2 prompts have no role {role!r}")
     return rounds
 
 
@@ -55,4 +65,6 @@ def chat_input_ids(tokenizer: ChatGLMTokenizer, query: str, history: Sequence[Me
     """The model input for one chat turn in the tokenizer's family format."""
     if tokenizer.family == "chatglm3":
         return chatglm3_ids(tokenizer, query, history)
+    if tokenizer.family == "chatglm":
+        return tokenizer.encode(chatglm1_prompt(query, history))
     return tokenizer.encode(chatglm2_prompt(query, history))

@@ -1,10 +1,11 @@
-"""``make-tiny-model``: a seconds-to-build ChatGLM2/3 directory in upstream layout for tests, demo and benchmarks."""
+"""``make-tiny-model``: a seconds-to-build ChatGLM-6B, ChatGLM2 or ChatGLM3 directory in upstream layout for tests, demo and benchmarks."""
 
 from __future__ import annotations
 
 import io
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -13,12 +14,18 @@ from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
 
 from .checkpoint import write_weights
-from .config import ChatGLMConfig
-from .model import ChatGLMForConditionalGeneration
+from .architectures import new_model
+from .config import ChatGLM1Config, ChatGLMConfig
 from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, FAMILIES, TOKENIZER_FILE, ChatGLMTokenizer
+from .tokenizer_v1 import FAMILY as V1_FAMILY
+from .tokenizer_v1 import MAX_BLANK, SPECIAL_PIECES, ChatGLM1Tokenizer, rewrite_text
+from .tokenizer_v1 import TOKENIZER_FILE as V1_TOKENIZER_FILE
 
 FFN_RATIO = 13696 / 4096  # upstream's ffn_hidden_size / hidden_size
 SEQ_LENGTH = {"chatglm2": 32768, "chatglm3": 8192}
+TINY_FAMILIES = (V1_FAMILY,) + FAMILIES
+V1_TEXT_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)]
+V1_CONTROL_PIECES = list(SPECIAL_PIECES[:3]) + ["<unused_0>"] + list(SPECIAL_PIECES[3:]) + ["<ENC>", "<dBLOCK>"]
 
 
 def bundled_corpus() -> list[str]:
@@ -64,21 +71,29 @@ def make_tiny_model(
     layers: int = 2,
     hidden_size: int = 64,
     heads: int = 4,
-    kv_groups: int = 2,
+    kv_groups: Optional[int] = None,
     vocab_size: int = 1000,
     seed: int = 0,
     shards: int = 1,
     overwrite: bool = False,
 ) -> Path:
-    """Write tokenizer.model, tokenizer_config.json, config.json and seeded random weights (safetensors)."""
-    if family not in FAMILIES:
-        raise UserError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
+    """Write the tokenizer, tokenizer_config.json, config.json and seeded random weights (safetensors).
+
+    ``family`` chatglm writes a ChatGLM-6B directory (``ice_text.model``); chatglm2/3 a ChatGLM2/3 one.
+    """
+    if family not in TINY_FAMILIES:
+        raise UserError(f"--family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
+    if family == V1_FAMILY and kv_groups is not None:
+        raise UserError("--kv-groups does not apply to --family chatglm: ChatGLM-6B has full multi-head attention")
+    kv_groups = 2 if kv_groups is None else kv_groups
     for name, value in (("--layers", layers), ("--hidden-size", hidden_size), ("--heads", heads),
                         ("--kv-groups", kv_groups), ("--shards", shards)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if vocab_size < 300:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 256 pieces")
+    if family == V1_FAMILY:
+        return _make_tiny_v1(out_dir, layers, hidden_size, heads, vocab_size, seed, shards, overwrite)
     proto = train_sentencepiece(vocab_size)
     sp_vocab = spm.SentencePieceProcessor(model_proto=proto).vocab_size()
     config = tiny_config(family, sp_vocab, layers, hidden_size, heads, kv_groups)
@@ -86,7 +101,53 @@ def make_tiny_model(
         (tmp / TOKENIZER_FILE).write_bytes(proto)
         ChatGLMTokenizer(tmp / TOKENIZER_FILE, family).save_pretrained(tmp)
         torch.manual_seed(seed)
-        model = ChatGLMForConditionalGeneration(config)
+        model = new_model(config)
+        config.save(tmp, dtype="float32")
+        write_weights(model.state_dict(), tmp, num_shards=shards)
+    return Path(out_dir)
+
+
+def train_ice_text(vocab_size: int, lines: list[str] | None = None) -> bytes:
+    """A small ``ice_text``-style model: ``<unk> <s> </s> <pad>`` first, ``<n>``, ``<|tab|>`` and
+    ``<|blank_2..80|>`` as whole pieces, ChatGLM-6B's special tokens as control pieces."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([rewrite_text(line) for line in (lines or bundled_corpus())]), model_writer=writer,
+        vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        user_defined_symbols=V1_TEXT_PIECES, control_symbols=V1_CONTROL_PIECES, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return writer.getvalue()
+
+
+def tiny_v1_config(sp_vocab_size: int, layers: int, hidden_size: int, heads: int,
+                   tokenizer: ChatGLM1Tokenizer) -> ChatGLM1Config:
+    if hidden_size % heads or (hidden_size // heads) % 4:
+        raise UserError(f"--hidden-size {hidden_size} must split into --heads {heads} heads of a multiple of 4 "
+                        "(each half of a head is rotated)")
+    return ChatGLM1Config(
+        num_layers=layers, hidden_size=hidden_size, num_attention_heads=heads, inner_hidden_size=4 * hidden_size,
+        vocab_size=-(-sp_vocab_size // 64) * 64, max_sequence_length=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _make_tiny_v1(out_dir: str | Path, layers: int, hidden_size: int, heads: int, vocab_size: int, seed: int,
+                  shards: int, overwrite: bool) -> Path:
+    if vocab_size < 400:
+        raise UserError(f"--vocab-size {vocab_size} is too small for --family chatglm: its fixed pieces and "
+                        "byte fallback take 350")
+    proto = train_ice_text(vocab_size)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        (tmp / V1_TOKENIZER_FILE).write_bytes(proto)
+        tokenizer = ChatGLM1Tokenizer(tmp / V1_TOKENIZER_FILE, {"num_image_tokens": 0})
+        tokenizer.save_pretrained(tmp)
+        config = tiny_v1_config(tokenizer.vocab_size, layers, hidden_size, heads, tokenizer)
+        torch.manual_seed(seed)
+        model = new_model(config)
         config.save(tmp, dtype="float32")
         write_weights(model.state_dict(), tmp, num_shards=shards)
     return Path(out_dir)

@@ -135,6 +135,11 @@ class ChatGLMTokenizer:
                 positions[row, width - len(seq):] = torch.arange(len(seq))
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
+    @staticmethod
+    def advance_positions(positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of the token after the last."""
+        return positions[:, -1:] + 1
+
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Encode one text or a batch with the ``[gMASK] sop`` prefix, left-padded into tensors."""
         if isinstance(texts, str):
@@ -162,7 +167,8 @@ class ChatGLMTokenizer:
         model_file = directory / TOKENIZER_FILE
         if not model_file.is_file():
             if (directory / "ice_text.model").is_file():
-                raise UserError(f"{directory}: ChatGLM-6B (first generation) tokenizer; the native path covers ChatGLM2/3")
+                raise UserError(f"{directory}: a ChatGLM-6B tokenizer (ice_text.model) but no first-generation "
+                                "config.json beside it")
             raise UserError(f"{directory}: no {TOKENIZER_FILE} (expected a ChatGLM2/3 model directory)")
         config = _read_json(directory / TOKENIZER_CONFIG)
         return cls(model_file, family or detect_family(directory, config), config)

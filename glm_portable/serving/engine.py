@@ -234,7 +234,7 @@ class GenerationEngine:
         stop_ids = self.tokenizer.stop_ids
         batch = {k: v.to(self.device) for k, v in self.tokenizer.pad([r.prompt_ids for r in requests]).items()}
         input_ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-        next_positions = positions[:, -1:] + 1
+        next_positions = self.tokenizer.advance_positions(positions)
         past = None
         for _ in range(max(r.sampling.max_new_tokens for r in requests)):
             if self._stopping.is_set():
@@ -253,4 +253,4 @@ class GenerationEngine:
                 return
             input_ids = torch.tensor(tokens, device=self.device).view(-1, 1)
             mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=-1)
-            positions, next_positions = next_positions, next_positions + 1
+            positions, next_positions = next_positions, self.tokenizer.advance_positions(next_positions)

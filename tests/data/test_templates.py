@@ -3,8 +3,9 @@
 import pytest
 
 from glm_portable.data.formats import Example
-from glm_portable.data.templates import TEMPLATES, ChatGLM1, template_for
+from glm_portable.data.templates import TEMPLATES, template_for
 from glm_portable.modeling import load_tokenizer
+from glm_portable.modeling.prompts import chatglm1_prompt
 
 ROWS = [
     ("类型#裙*颜色#红色*风格#简约", "这条红色的裙子简约大方，适合日常穿着。"),
@@ -127,5 +128,5 @@ def test_chatglm_v1_layout():
     assert out.input_ids[0] == a + [130001, 130004] + b + [130005]
     assert out.labels[0] == [-100] * 5 + [130004] + b + [130005]
     assert TEMPLATES["chatglm"].fixed_length(64, 128) == 192
-    assert ChatGLM1.prompt("q", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == \
+    assert chatglm1_prompt("q", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == \
         "[Round 0]\n问：a\n答：b\n[Round 1]\n问：q\n答："
