@@ -84,17 +84,20 @@ def env_command(
 @app.command("make-tiny-model")
 def make_tiny_model_command(
     out: Path = typer.Argument(..., help="Directory to create."),
-    family: str = typer.Option("chatglm3", help="chatglm2 or chatglm3 (prompt format and special tokens)."),
+    family: str = typer.Option("chatglm3", help="chatglm (ChatGLM-6B), chatglm2 or chatglm3 (architecture, "
+                               "prompt format and special tokens)."),
     layers: int = typer.Option(2, help="Number of transformer layers."),
     hidden_size: int = typer.Option(64, help="Hidden size."),
     heads: int = typer.Option(4, help="Attention heads (head size = hidden / heads)."),
-    kv_groups: int = typer.Option(2, help="Key/value groups (multi-query attention)."),
+    kv_groups: Optional[int] = typer.Option(None, help="Key/value groups (multi-query attention; default 2; "
+                                            "not for chatglm)."),
     vocab_size: int = typer.Option(1000, help="SentencePiece vocabulary size before the special tokens."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     shards: int = typer.Option(1, help="Number of safetensors shards (more than one writes an index json)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
-    """Build a small ChatGLM2/3 directory in upstream layout (tokenizer, config, random weights) in seconds."""
+    """Build a small ChatGLM-6B, ChatGLM2 or ChatGLM3 directory in upstream layout (tokenizer, config, random
+    weights) in seconds."""
     from glm_portable.modeling.tiny import make_tiny_model
 
     with console.status(f"training a {vocab_size}-piece tokenizer and writing a {layers}-layer {family} model"):
@@ -380,7 +383,7 @@ def demo_command(
 
 @app.command("bench")
 def bench_command(
-    shape: str = typer.Option(..., help="tiny, 1b, chatglm2-6b, chatglm3-6b (random weights, no download) or a model directory."),
+    shape: str = typer.Option(..., help="tiny, 1b, chatglm-6b, chatglm2-6b, chatglm3-6b (random weights, no download) or a model directory."),
     out: Path = typer.Option(..., help="The record to write (JSON)."),
     method: str = typer.Option("ptuning", help="ptuning, lora, or full (DeepSpeed ZeRO-2)."),
     device: Optional[str] = DeviceOption,

@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from glm_portable.modeling import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glm_portable.modeling import ChatGLMConfig, new_model
 
 
 def matmul_parameters(config: ChatGLMConfig) -> int:
@@ -23,7 +23,7 @@ def matmul_parameters(config: ChatGLMConfig) -> int:
     config = copy.deepcopy(config)
     config.pre_seq_len = None
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
+        model = new_model(config)
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 

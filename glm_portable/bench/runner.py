@@ -95,7 +95,7 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
         args = training_arguments(options, backend, dtype, world_size)
         backend.seed(workload.seed)
         model = build_model(options, backend, dtype, local_rank, shape=None if workload.from_directory else shape)
-        data = Dataset.from_dict(synthetic_rows(workload, shape.padded_vocab_size))
+        data = Dataset.from_dict(synthetic_rows(workload, shape))
         log = StepLog()
         trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=workload.method,
                              data_collator=TrainCollator(0, "fixed", workload.seq_length),

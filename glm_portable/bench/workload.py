@@ -8,27 +8,28 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from glm_portable.errors import UserError
-from glm_portable.modeling import ChatGLMConfig, load_config
+from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig, load_config
 from glm_portable.modeling.model import IGNORE_INDEX
 from glm_portable.modeling.tiny import tiny_config
 from glm_portable.training.options import DEFAULT_LR, METHODS
 
-# ChatGLM2 architecture throughout; "1b" is a 1.1B-parameter cut of it for full fine-tuning on one card.
-SHAPES: dict[str, dict[str, Any]] = {
-    "chatglm2-6b": {},
-    "chatglm3-6b": {"seq_length": 8192},
-    "1b": {"num_layers": 16, "hidden_size": 2048, "ffn_hidden_size": 6848, "num_attention_heads": 16},
+# "1b" is a 1.1B-parameter cut of the ChatGLM2 architecture for full fine-tuning on one card.
+SHAPES: dict[str, Callable[[], ChatGLMConfig]] = {
+    "chatglm-6b": ChatGLM1Config,
+    "chatglm2-6b": ChatGLMConfig,
+    "chatglm3-6b": lambda: ChatGLMConfig(seq_length=8192),
+    "1b": lambda: ChatGLMConfig(num_layers=16, hidden_size=2048, ffn_hidden_size=6848, num_attention_heads=16),
 }
 TINY = "tiny"
 SHAPE_NAMES = (TINY, *SHAPES)
 FIRST_ID = 3  # after the pad/unk, bos and eos ids
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-                       "multi_query_group_num", "padded_vocab_size")
+                       "multi_query_group_num", "inner_hidden_size", "padded_vocab_size")  # each as the shape has it
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Workload:
         if self.shape == TINY:
             return tiny_config("chatglm3", 1000, layers=2, hidden_size=128, heads=4, kv_groups=2)
         if self.shape in SHAPES:
-            return ChatGLMConfig(**SHAPES[self.shape])
+            return SHAPES[self.shape]()
         return load_config(self.shape)
 
     def as_record(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class Workload:
         if self.from_directory:
             data["shape"] = f"dir:{Path(self.shape).resolve().name}"
         config = self.config()
-        data["architecture"] = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
+        data["architecture"] = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)}
         if self.method != "ptuning":
             data.pop("pre_seq_len")
         if self.method != "lora":
@@ -104,13 +105,15 @@ class Workload:
         return data
 
 
-def synthetic_rows(workload: Workload, vocab_size: int) -> dict[str, list[list[int]]]:
+def synthetic_rows(workload: Workload, config: ChatGLMConfig) -> dict[str, list[list[int]]]:
     """One row for every sample the run consumes, in a seed-fixed order.
 
     Prompt tokens follow a Zipf law over the vocabulary, as words do, and the answer repeats the
     prompt: a model first learns the frequencies, then the copy, so losses fall as in real training
-    instead of sitting at log(vocab) as with uniform noise.
+    instead of sitting at log(vocab) as with uniform noise. ChatGLM-6B rows end their prompt with
+    ``[gMASK] <sop>``, which its positions and mask are built from.
     """
+    vocab_size = config.padded_vocab_size
     generator = torch.Generator().manual_seed(workload.seed)
     rows = workload.total_steps * workload.batch_size * workload.grad_accum * workload.world_size
     frequencies = 1.0 / torch.arange(1, vocab_size - FIRST_ID + 1, dtype=torch.float64)
@@ -118,6 +121,9 @@ def synthetic_rows(workload: Workload, vocab_size: int) -> dict[str, list[list[i
     source = (draws + FIRST_ID).view(rows, workload.source_length)
     repeats = -(-workload.target_length // workload.source_length)
     target = source.repeat(1, repeats)[:, :workload.target_length]
+    if isinstance(config, ChatGLM1Config) and workload.source_length >= 2:
+        source = source.clone()
+        source[:, -2:] = torch.tensor([config.gmask_token_id, config.bos_token_id])
     ids = torch.cat([source, target], dim=1)
     labels = torch.cat([torch.full_like(source, IGNORE_INDEX), target], dim=1)
     return {"input_ids": ids.tolist(), "labels": labels.tolist()}

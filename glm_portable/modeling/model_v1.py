@@ -200,6 +200,8 @@ class ChatGLM1ForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = ChatGLM1Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.pre_seq_len:
+            self.lm_head.requires_grad_(False)  # P-Tuning v2 trains the prefix alone
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

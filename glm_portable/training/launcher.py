@@ -12,8 +12,7 @@ import torch
 
 from glm_portable.backends import DEVICE_ENV, Backend, BackendUnavailable, get_backend, select_backend
 from glm_portable.data import check_compatible, template_for
-from glm_portable.modeling import (ChatGLMConfig, ChatGLMForConditionalGeneration, load_config, load_tokenizer,
-                                   resolve_dtype)
+from glm_portable.modeling import ChatGLMConfig, load_config, load_tokenizer, new_model, resolve_dtype
 
 from .deepspeed_config import build_deepspeed_config
 from .options import TrainOptions
@@ -123,7 +122,7 @@ def trainable_parameters(options: TrainOptions, shape: ChatGLMConfig | None = No
     if options.method == "ptuning":
         config.pre_seq_len, config.prefix_projection = options.pre_seq_len, options.prefix_projection
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
+        model = new_model(config)
     total = sum(p.numel() for p in model.parameters())
     if options.method == "ptuning":
         return sum(p.numel() for p in model.transformer.prefix_encoder.parameters()), total

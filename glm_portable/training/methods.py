@@ -13,7 +13,7 @@ from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, random_model
 from glm_portable.modeling.checkpoint import copy_model_files, load_weights, write_weights
-from glm_portable.modeling.prefix import PREFIX_KEY, reset_prefix_encoder
+from glm_portable.modeling.prefix import PREFIX_KEY, freeze_all_but_prefix, reset_prefix_encoder
 from glm_portable.modeling.remote import load_remote
 
 from .options import TrainOptions
@@ -39,6 +39,7 @@ def build_model(options: TrainOptions, backend: Backend, dtype: torch.dtype, loc
         model = base(dtype, pre_seq_len=options.pre_seq_len, prefix_projection=options.prefix_projection)
         backend.seed(options.seed)  # the same prefix whichever implementation built the model, and however
         reset_prefix_encoder(model)  # much randomness its loading consumed
+        freeze_all_but_prefix(model)
         return model
     if options.method == "full":
         return base(torch.float32)
