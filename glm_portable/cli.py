@@ -356,6 +356,7 @@ def chat_command(
 def demo_command(
     output: Path = typer.Option(Path("glm-portable-demo"), help="Directory for everything the demo makes (an earlier demo there is replaced)."),
     method: str = typer.Option("lora", help="lora or ptuning."),
+    family: str = typer.Option("chatglm3", help="chatglm (ChatGLM-6B), chatglm2 or chatglm3."),
     device: Optional[str] = DeviceOption,
     steps: int = typer.Option(200, help="Training steps."),
 ) -> None:
@@ -367,7 +368,7 @@ def demo_command(
     selection = select_backend(device)
     console.print(f"device: [bold]{selection.backend.name}[/] ({selection.reason})")
     with console.status("starting") as status:
-        report = run_demo(output, method, selection, steps, stage=lambda text: status.update(text))
+        report = run_demo(output, method, selection, steps, stage=lambda text: status.update(text), family=family)
     losses = report.losses
     console.print(f"trained {report.method} for {report.steps} steps; loss "
                   + " → ".join(f"{loss:.2f}" for _, loss in losses[:: max(1, len(losses) // 6)] + losses[-1:]))

@@ -20,7 +20,7 @@ from glm_portable.data.synthetic import adgen_rows
 from glm_portable.errors import UserError
 from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
 from glm_portable.jsonfile import write_json_object
-from glm_portable.modeling.tiny import make_tiny_model
+from glm_portable.modeling.tiny import TINY_FAMILIES, V1_FAMILY, make_tiny_model
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.run_dir import read_metrics
 from glm_portable.training.trainer import run_training
@@ -46,10 +46,15 @@ class DemoReport:
 
 
 def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
-             stage: Optional[Callable[[str], None]] = None) -> DemoReport:
-    """Run the demo in ``output``, replacing an earlier demo there but never any other directory."""
+             stage: Optional[Callable[[str], None]] = None, family: str = "chatglm3") -> DemoReport:
+    """Run the demo in ``output``, replacing an earlier demo there but never any other directory.
+
+    ``family`` chatglm runs it on a ChatGLM-6B (first generation) tiny model, chatglm2/3 on theirs.
+    """
     if method not in DEMO_LR:
         raise UserError(f"--method {method!r}: expected one of {', '.join(DEMO_LR)}")
+    if family not in TINY_FAMILIES:
+        raise UserError(f"--family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
     if output.exists() and any(output.iterdir()):
         if not (output / MARKER).is_file():
             raise UserError(f"{output}: exists and was not made by `glm-portable demo`; choose another --output")
@@ -61,8 +66,9 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
     backend = selection.backend
     backend.prepare_process()
 
-    say("building a tiny ChatGLM3 model")
-    model = make_tiny_model(output / "model", family="chatglm3", hidden_size=128, layers=2, heads=4, kv_groups=2)
+    say(f"building a tiny {family} model")
+    model = make_tiny_model(output / "model", family=family, hidden_size=128, layers=2, heads=4,
+                            kv_groups=None if family == V1_FAMILY else 2)
     say("writing the ADGEN-style dataset")
     rows = adgen_rows(TRAIN_ROWS + EVAL_ROWS, seed=0)
     for name, part in (("train.json", rows[:TRAIN_ROWS]), ("dev.json", rows[TRAIN_ROWS:])):
@@ -86,7 +92,7 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
                         [(m["step"], m["loss"]) for m in read_metrics(output / "run")], before, after,
                         time.perf_counter() - started, output)
     write_json_object(output / "demo.json", {
-        "device": report.device, "method": method, "steps": steps, "losses": report.losses, "seconds": round(report.seconds, 1),
+        "device": report.device, "family": family, "method": method, "steps": steps, "losses": report.losses, "seconds": round(report.seconds, 1),
         "before": {k: before[k] for k in METRIC_KEYS}, "after": {k: after[k] for k in METRIC_KEYS},
     })
     return report
