@@ -13,7 +13,7 @@ from glm_portable.bench.flops import matmul_parameters, training_flops_per_token
 from glm_portable.bench.record import read_record
 from glm_portable.bench.workload import Workload, synthetic_rows
 from glm_portable.errors import UserError
-from glm_portable.modeling import ChatGLMConfig
+from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig
 from tests.conftest import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -128,15 +128,18 @@ def test_flops_match_a_hand_count_of_chatglm2_6b():
 
 def test_synthetic_rows_are_seeded_and_learnable():
     workload = Workload(shape="tiny", steps=2, warmup=0, batch_size=3, source_length=5, target_length=7)
-    rows = synthetic_rows(workload, 100)
-    assert rows == synthetic_rows(copy.deepcopy(workload), 100)
+    rows = synthetic_rows(workload, ChatGLMConfig(padded_vocab_size=100))
+    assert rows == synthetic_rows(copy.deepcopy(workload), ChatGLMConfig(padded_vocab_size=100))
     assert len(rows["input_ids"]) == 6 and all(len(r) == 12 for r in rows["input_ids"])
     first = rows["input_ids"][0]
     assert first[5:] == first[:5] + first[:2] and rows["labels"][0][:5] == [-100] * 5
     assert min(min(r) for r in rows["input_ids"]) >= 3 and max(max(r) for r in rows["input_ids"]) < 100
     other = synthetic_rows(Workload(shape="tiny", steps=2, warmup=0, batch_size=3, source_length=5, target_length=7,
-                                    seed=1), 100)
+                                    seed=1), ChatGLMConfig(padded_vocab_size=100))
     assert other != rows
+    v1 = synthetic_rows(workload, ChatGLM1Config(vocab_size=100, gmask_token_id=1, bos_token_id=2))
+    assert all(r[3:5] == [1, 2] for r in v1["input_ids"]) and [r[5:] for r in v1["input_ids"]] == \
+        [r[5:] for r in rows["input_ids"]]  # ChatGLM-6B prompts end with [gMASK] <sop>; the answers stay
 
 
 def test_workload_validation_names_the_flag():

@@ -84,9 +84,9 @@ def test_save_and_load_round_trip_and_family_detection(tiny_dir, tmp_path):
     assert ChatGLMTokenizer(tmp_path / "tokenizer.model", "chatglm2").fingerprint() != tok.fingerprint()
 
 
-def test_missing_or_v1_tokenizer_is_a_user_error(tmp_path):
+def test_missing_or_misplaced_v1_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "ice_text.model").write_bytes(b"")
-    with pytest.raises(UserError, match="first generation"):
+    with pytest.raises(UserError, match="no first-generation config.json"):
         load_tokenizer(tmp_path)
