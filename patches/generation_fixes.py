@@ -6,6 +6,7 @@ import inspect
 from types import ModuleType
 from typing import Any
 
+import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from .registry import since_transformers, Context, Decision, Patch, Replacements
@@ -186,5 +187,109 @@ GENERATION_DROPPED_MASK = Patch(
     symptom="AttributeError: 'NoneType' object has no attribute 'new_ones' (chat without padding)",
     needed=_mask_needed, replacements=_mask)
 
+
+def _library_source_has(text: str) -> bool:
+    import transformers.generation.utils as generation
+
+    return text in source_of(generation)
+
+
+def _two_row_positions(module: ModuleType) -> list[type]:
+    """ChatGLM-6B models: their attention reads ``position_ids[:, 0, :]`` and ``[:, 1, :]`` (position, block)."""
+    if "block_position_ids" not in source_of(module):
+        return []
+    return [cls for cls in generation_classes(module) if own(cls, "prepare_inputs_for_generation") is not None]
+
+
+def _positions_needed(ctx: Context, module: ModuleType) -> Decision:
+    classes = [cls.__name__ for cls in _two_row_positions(module)]
+    if not classes:
+        return Decision(False, "no model with 2-D (position, block) position ids", present=False)
+    if not _library_source_has("_prepare_position_ids_for_generation("):
+        return Decision(False, f"transformers {ctx.versions['transformers']} leaves position ids to the model")
+    return Decision(True, f"generate() now makes 1-row position ids, which {', '.join(classes)} index as "
+                          "position_ids[:, 0, :]")
+
+
+def _positions(ctx: Context, module: ModuleType) -> Replacements:
+    prepare, update = "prepare_inputs_for_generation", "_update_model_kwargs_for_generation"
+    replacements = []
+    for cls in _two_row_positions(module):
+        replacements.append((cls, prepare, _without_one_row_positions(own(cls, prepare))))
+        if own(cls, update) is not None:
+            replacements.append((cls, update, _update_without_one_row_positions(own(cls, update))))
+    return replacements
+
+
+def _without_one_row_positions(original: Any) -> Any:
+    def prepare_inputs_for_generation(self, input_ids, *args, position_ids=None, **kwargs):
+        """Position ids without the block row (generate()'s own) are dropped: the model builds its 2-D ones."""
+        if position_ids is not None and position_ids.dim() == 2:
+            position_ids = None
+        return original(self, input_ids, *args, position_ids=position_ids, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+def _update_without_one_row_positions(original: Any) -> Any:
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """generate()'s own 1-row position ids are not extended as (position, block) rows; they are left out."""
+        positions = model_kwargs.get("position_ids")
+        if positions is not None and positions.dim() == 2:
+            del model_kwargs["position_ids"]
+        return original(self, outputs, model_kwargs, *args, **kwargs)
+
+    return _update_model_kwargs_for_generation
+
+
+GENERATION_2D_POSITIONS = Patch(
+    name="generation-2d-position-ids",
+    target="ChatGLMForConditionalGeneration.prepare_inputs_for_generation, _update_model_kwargs_for_generation",
+    symptom="IndexError: too many indices for tensor of dimension 2 (at position_ids[:, 0, :], ChatGLM-6B generate)",
+    needed=_positions_needed, replacements=_positions)
+
+
+def _boolean_masks_only(module: ModuleType) -> list[type]:
+    """Models whose generation keeps only a boolean ``[b, 1, s, s]`` mask (ChatGLM-6B) and drops any other."""
+    return [cls for cls in generation_classes(module)
+            if "torch.bool" in source_of(own(cls, "prepare_inputs_for_generation")) and hasattr(cls, "get_masks")]
+
+
+def _boolean_mask_needed(ctx: Context, module: ModuleType) -> Decision:
+    classes = [cls.__name__ for cls in _boolean_masks_only(module)]
+    if not classes:
+        return Decision(False, "no model that takes boolean attention masks only", present=False)
+    if not _library_source_has("must be 2D"):
+        return Decision(False, f"transformers {ctx.versions['transformers']} passes boolean masks to generate()")
+    return Decision(True, f"generate() accepts 2-D masks only, which {', '.join(classes)} ignore: left padding "
+                          "would be attended")
+
+
+def _boolean_mask(ctx: Context, module: ModuleType) -> Replacements:
+    name = "prepare_inputs_for_generation"
+    return [(cls, name, _with_boolean_mask(own(cls, name))) for cls in _boolean_masks_only(module)]
+
+
+def _with_boolean_mask(original: Any) -> Any:
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+        """A 2-D padding mask becomes the model's own boolean mask (its ``get_masks``) with padding masked out;
+        tokens generated since (the model's cache update extends boolean masks only) count as real."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            missing = input_ids.shape[1] - attention_mask.shape[1]
+            real = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], missing)), dim=1).bool()
+            masked = self.get_masks(input_ids, device=input_ids.device)
+            attention_mask = masked | ~real[:, None, None, :] | ~real[:, None, :, None]
+        return original(self, input_ids, *args, attention_mask=attention_mask, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+GENERATION_BOOLEAN_MASK = Patch(
+    name="generation-boolean-mask", target="ChatGLMForConditionalGeneration.prepare_inputs_for_generation",
+    symptom="'`attention_mask` passed to `generate` must be 2D.'; with a 2-D mask, left padding is attended "
+            "(batched ChatGLM-6B answers differ from one-by-one)",
+    needed=_boolean_mask_needed, replacements=_boolean_mask)
+
 GENERATION_PATCHES = (GENERATION_TUPLE_CACHE, GENERATION_EXTRACT_PAST, GENERATION_DROPPED_MASK,
-                      GENERATION_LOGITS_WARPER, GENERATION_EOS_TENSOR)
+                      GENERATION_LOGITS_WARPER, GENERATION_EOS_TENSOR, GENERATION_2D_POSITIONS,
+                      GENERATION_BOOLEAN_MASK)
