@@ -259,10 +259,9 @@ def _boolean_mask_needed(ctx: Context, module: ModuleType) -> Decision:
     classes = [cls.__name__ for cls in _boolean_masks_only(module)]
     if not classes:
         return Decision(False, "no model that takes boolean attention masks only", present=False)
-    if not _library_source_has("must be 2D"):
-        return Decision(False, f"transformers {ctx.versions['transformers']} passes boolean masks to generate()")
-    return Decision(True, f"generate() accepts 2-D masks only, which {', '.join(classes)} ignore: left padding "
-                          "would be attended")
+    refused = "; transformers 5.x refuses any other in generate()" if _library_source_has("must be 2D") else ""
+    return Decision(True, f"{', '.join(classes)} drop 2-D padding masks, which glm-portable's batched generation "
+                          f"passes{refused}: left padding would be attended")
 
 
 def _boolean_mask(ctx: Context, module: ModuleType) -> Replacements:
