@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -46,6 +45,8 @@ class Backend:
     deepspeed_accelerator: str
     install_hint: str
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    is_accelerator: bool = True
+    static_shapes: bool = False
 
     def availability(self) -> Availability:
         raise NotImplementedError
@@ -77,14 +78,19 @@ class Backend:
         """bf16 where the hardware has it, else fp16 (trained with loss scaling)."""
         return torch.bfloat16 if self.supports_bf16() else torch.float16
 
+    def default_padding(self) -> str:
+        """How training batches are padded unless asked: to one fixed length where every new shape costs a
+        graph compile (``static_shapes``), else to each batch's longest row."""
+        return "fixed" if self.static_shapes else "dynamic"
+
+    def deepspeed_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The precision DeepSpeed trains in: the requested one on an accelerator, fp32 on the host (DeepSpeed's
+        CPU accelerator has no half-precision training)."""
+        return dtype if self.is_accelerator else torch.float32
+
     def needs_loss_scaling(self, dtype: torch.dtype) -> bool:
         """fp16 gradients underflow without a dynamic loss scale; bf16 and fp32 do not need one."""
         return dtype == torch.float16
-
-    def autocast(self, dtype: torch.dtype | None) -> ContextManager:
-        if dtype is None or dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.name, dtype=dtype)
 
     def synchronize(self) -> None:
         self.module().synchronize()

@@ -37,6 +37,7 @@ class CpuBackend(Backend):
     visible_devices_var: str | None = None
     deepspeed_accelerator: str = "cpu"
     install_hint: str = "the CPU backend is always available"
+    is_accelerator: bool = False
 
     def availability(self) -> Availability:
         return Availability(True)

@@ -57,6 +57,7 @@ class NpuBackend(Backend):
         "(`pip install -e '.[npu]'`, torch_npu X.Y.Z matching torch X.Y.Z), then `source env/npu.sh` to load CANN"
     )
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: NPU_PEAK_TFLOPS)
+    static_shapes: bool = True  # graph mode compiles per input shape
 
     def torch_npu(self) -> Optional[ModuleType]:
         module, _ = _import_torch_npu()

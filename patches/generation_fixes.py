@@ -1,4 +1,4 @@
-"""Fixes for ChatGLM's remote generation code (REFERENCE §5, breakages 4-7, 9, 12 and 17)."""
+"""Fixes for ChatGLM's remote generation code (docs/transformers-breakages.md, 9-15)."""
 
 from __future__ import annotations
 

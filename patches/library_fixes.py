@@ -1,6 +1,6 @@
 """Library-level fixes, applied at process start: what the Ascend recipe did by copying
 ``training_args.py`` and ``deepspeed.py`` over site-packages, and the transformers renames that
-ChatGLM training scripts trip on (REFERENCE §5 breakages 3, 10 and 11; §6 library support)."""
+ChatGLM training scripts trip on (docs/transformers-breakages.md 16-17; docs/npu.md, library floors)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Fixes for ChatGLM's remote config and model classes (REFERENCE §5, breakages 2, 14 and 16; the
-CUDA-only quantization path)."""
+"""Fixes for ChatGLM's remote config and model classes (docs/transformers-breakages.md, 4-7;
+the CUDA-only quantization path, 19)."""
 
 from __future__ import annotations
 

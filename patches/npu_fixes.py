@@ -1,4 +1,4 @@
-"""NPU fixes for ChatGLM's remote model code (REFERENCE §6): no TorchScript, and attention / RMSNorm
+"""NPU fixes for ChatGLM's remote model code (docs/npu.md): no TorchScript, and attention / RMSNorm
 through the backend's kernels (fused attention takes an explicit boolean mask)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fixes for ChatGLM's remote tokenizer classes (REFERENCE §5, breakages 1, 8 and 15)."""
+"""Fixes for ChatGLM's remote tokenizer classes (docs/transformers-breakages.md, 1-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Device-specific code lives in backends/ only (DESIGN.md, "The two seams")."""
+"""Device-specific code lives in backends/ only (docs/architecture.md, "The device seam"): no device module,
+no device literal, and in the core no comparison with a backend's name, which a capability question replaces."""
 
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ PATTERNS = {
         r"""(torch\.device\(|\bdevice\s*=\s*|\bdevice_type\s*=\s*|\.to\()\s*["'](cuda|npu)(:\d+)?["']"""
     ),
 }
+NAME_COMPARISON = re.compile(r"""[!=]=\s*["'](cpu|cuda|npu)["']|["'](cpu|cuda|npu)["']\s*[!=]=""")
+CORE = ("glm_portable", "scripts")  # tests assert which backend was chosen; patches decide by the Context's backend
 
 
 def find_violations(root: Path) -> list[str]:
@@ -30,6 +33,8 @@ def find_violations(root: Path) -> list[str]:
                 for label, pattern in PATTERNS.items():
                     if pattern.search(line):
                         found.append(f"{rel}:{lineno}: {label}: {line.strip()}")
+                if folder in CORE and NAME_COMPARISON.search(line):
+                    found.append(f"{rel}:{lineno}: backend-name comparison: {line.strip()}")
     return found
 
 
@@ -42,6 +47,7 @@ def test_the_check_catches_each_pattern(tmp_path):
     bad.parent.mkdir()
     bad.write_text(
         "x = torch.cuda.is_available()\ny = torch.npu.device_count()\nm.cuda()\nm.npu()\n"
-        "t.to('cuda:0')\nd = torch.device(\"npu\")\nf(device='cuda')\n"
+        "t.to('cuda:0')\nd = torch.device(\"npu\")\nf(device='cuda')\nif backend.name != \"cpu\": pass\n"
+        "padding = 'fixed' if 'npu' == name else 'dynamic'\n"
     )
-    assert len(find_violations(tmp_path)) == 7
+    assert len(find_violations(tmp_path)) == 9

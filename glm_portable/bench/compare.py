@@ -88,7 +88,7 @@ def _gib(values: list[Any]) -> str:
 def _torch_version(record: dict[str, Any]) -> str:
     versions = record["versions"]
     npu = versions.get("torch_npu")
-    return f"{versions['torch']}" + (f" (torch_npu {npu})" if npu and record["device"]["backend"] == "npu" else "")
+    return f"{versions['torch']}" + (f" (torch_npu {npu})" if npu else "")
 
 
 def table(records: list[dict[str, Any]]) -> str:

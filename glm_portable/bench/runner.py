@@ -85,9 +85,8 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
     """Run the workload in this process (one rank, or alone); rank 0 returns the measurements."""
     rank, local_rank, world_size = world()
     start_process(backend)
-    if backend.name != "cpu":
-        backend.set_device(local_rank)
-        backend.reset_peak_memory(local_rank)
+    backend.set_device(local_rank)
+    backend.reset_peak_memory(local_rank)
     dtype = resolve_dtype(dtype_name, backend)
     shape = workload.config()
     with tempfile.TemporaryDirectory(prefix="glm-portable-bench-") as scratch:
@@ -152,9 +151,12 @@ def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: 
     """
     if out.exists() and not overwrite:
         raise UserError(f"{out}: exists (use --overwrite to replace it)")
-    if workload.method == "full" and backend.name == "cpu" and resolve_dtype(dtype_name, backend) != torch.float32:
-        raise UserError(f"--dtype {dtype_name} with --method full on the CPU: DeepSpeed trains in float32 there, "
-                        "so the record would misstate its dtype; use --dtype float32 or a ptuning / lora workload")
+    dtype = resolve_dtype(dtype_name, backend)
+    if workload.method == "full" and backend.deepspeed_dtype(dtype) != dtype:
+        trained = str(backend.deepspeed_dtype(dtype)).removeprefix("torch.")
+        raise UserError(f"--dtype {dtype_name} with --method full on {backend.name}: DeepSpeed trains in {trained} "
+                        f"there, so the record would misstate its dtype; use --dtype {trained} or a ptuning / lora "
+                        "workload")
     workload.world_size = nproc
     if (nproc > 1 or workload.method == "full") and not is_launched_child():
         code = launch(train_options(workload, backend.name, dtype_name, out, nproc, master_port), backend, argv)

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
 
-# Upstream chatglm2-6b defaults (REFERENCE §1); chatglm3-6b differs only in seq_length.
+# Upstream chatglm2-6b defaults (docs/architecture.md); chatglm3-6b differs only in seq_length.
 UPSTREAM_DEFAULTS: dict[str, Any] = {
     "model_type": "chatglm",
     "architectures": ["ChatGLMModel"],

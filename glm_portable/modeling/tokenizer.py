@@ -1,7 +1,7 @@
 """ChatGLM2/3 tokenizer: SentencePiece with the special tokens appended after its vocabulary.
 
 A plain class rather than a transformers tokenizer subclass: transformers' tokenizer base classes
-change with every major release (the breakages of REFERENCE §5), and ChatGLM needs only
+change with every major release (docs/transformers-breakages.md), and ChatGLM needs only
 SentencePiece plus a handful of ids. It saves and loads with the model directory all the same.
 """
 

@@ -191,11 +191,11 @@ def run_identity(options: TrainOptions) -> dict[str, Any]:
 
 
 def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dtype, world_size: int) -> TrainingArguments:
-    accelerated = backend.name != "cpu"
+    accelerated = backend.is_accelerator
     extra: dict[str, Any] = {}
     if options.deepspeed:
-        extra["deepspeed"] = build_deepspeed_config(options.deepspeed, dtype if accelerated else torch.float32,
-                                                    options.offload, options.deepspeed_config)
+        extra["deepspeed"] = build_deepspeed_config(options.deepspeed, backend.deepspeed_dtype(dtype), options.offload,
+                                                    options.deepspeed_config)
     if options.gradient_checkpointing:
         extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainingArguments(
@@ -221,8 +221,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
     """Train in this process (one rank of a launched group, or alone); returns THUDM's results and the model."""
     rank, local_rank, world_size = world()
     start_process(backend)
-    if backend.name != "cpu":
-        backend.set_device(local_rank)
+    backend.set_device(local_rank)
     dtype = resolve_dtype(options.dtype, backend)
     tokenizer = load_tokenizer(options.model)
     template = template_for(tokenizer)
@@ -249,7 +248,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
 
         backend.seed(options.seed)
         model = build_model(options, backend, dtype, local_rank)
-        padding = options.padding or ("fixed" if backend.name == "npu" else "dynamic")
+        padding = options.padding or backend.default_padding()
         collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
         callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
         trainer = GlmTrainer(model=model, args=args,

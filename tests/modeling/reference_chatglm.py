@@ -1,4 +1,4 @@
-"""An independent ChatGLM2/3 forward pass written from the upstream formulas (REFERENCE §1).
+"""An independent ChatGLM2/3 forward pass written from the upstream formulas (docs/architecture.md).
 
 Sequence-first layout, the rope cache stacked as (cos, sin) pairs, the upstream mask construction
 (tril, padding columns, padded query rows seeing everything, True = masked) and explicit per-head
