@@ -120,6 +120,22 @@ SCENARIOS = {
                                                      GENERATION_LOGITS_WARPER],
                                     lambda f: _stream(f.generator(), bad_words_ids=[[5]])),
 }
+# What each breakage looks like without its patch (the patches' own `symptom` text, as the installed stack raises it).
+SYMPTOMS = {
+    "tokenizer-init-order": (Exception, r"'property' object cannot be interpreted as an integer|"
+                                        r"has no attribute '(sp_)?tokenizer'"),
+    "tokenizer-pad-padding-side": (TypeError, r"_pad\(\) got an unexpected keyword argument 'padding_side'"),
+    "tokenizer-batch-encode-plus": (AttributeError, r"has no attribute '?batch_encode_plus"),
+    "config-generation-fields": (AttributeError, r"has no attribute 'use_cache'"),
+    "model-post-init": (AttributeError, r"has no attribute 'all_tied_weights_keys'"),
+    "prefix-tokens-on-meta": (NotImplementedError, r"meta tensor"),
+    "generation-tuple-cache": (Exception, r"num_hidden_layers|tuple|index"),
+    "generation-extract-past": (AttributeError, r"_extract_past_from_model_output|standardize_cache_format|"
+                                                r"'str' object has no attribute 'shape'"),
+    "generation-dropped-attention-mask": (AttributeError, r"'NoneType' object has no attribute 'new_ones'"),
+    "generation-logits-warper": (Exception, r"_get_logits_warper|required positional argument: 'device'"),
+    "generation-eos-token-tensor": (AttributeError, r"_eos_token_tensor"),
+}
 PATCHES = {p.name: p for p in [TOKENIZER_INIT_ORDER, TOKENIZER_PAD_SIDE, TOKENIZER_BATCH_ENCODE_PLUS, *MODEL_PATCHES,
                                *GENERATION]}
 
@@ -139,7 +155,8 @@ def test_patch_fixes_its_breakage_reverts_and_is_idempotent(name, fresh):
         scenario(fresh)
         return
     before = _attributes(patch, fresh)
-    with pytest.raises(Exception):
+    error, message = SYMPTOMS[name]
+    with pytest.raises(error, match=message):
         scenario(fresh)
     fresh.apply(patch)
     scenario(fresh)
@@ -148,7 +165,7 @@ def test_patch_fixes_its_breakage_reverts_and_is_idempotent(name, fresh):
     assert _attributes(patch, fresh) == after
     patch.revert(fresh.module_of(patch))
     assert _attributes(patch, fresh) == before
-    with pytest.raises(Exception):
+    with pytest.raises(error, match=message):
         scenario(fresh)
 
 
@@ -245,7 +262,8 @@ def test_the_first_generation_tokenizer_is_fixed_too(tiny_dir):
     spec.loader.exec_module(module)
     build = lambda: module.ChatGLMTokenizer(str(tiny_dir / "tokenizer.model"), num_image_tokens=7)  # noqa: E731
     assert TOKENIZER_INIT_ORDER.needed(CPU, module).needed
-    with pytest.raises(Exception):
+    error, message = SYMPTOMS["tokenizer-init-order"]
+    with pytest.raises(error, match=message):
         build()
     TOKENIZER_INIT_ORDER.apply(CPU, module)
     try:
