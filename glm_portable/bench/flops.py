@@ -16,6 +16,7 @@ import copy
 import torch
 
 from glm_portable.modeling import ChatGLMConfig, new_model
+from glm_portable.training.methods import Method
 
 
 def matmul_parameters(config: ChatGLMConfig) -> int:
@@ -27,12 +28,11 @@ def matmul_parameters(config: ChatGLMConfig) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def training_flops_per_token(config: ChatGLMConfig, method: str, seq_length: int, prefix_length: int = 0,
-                             adapter_parameters: int = 0) -> float:
-    """FLOPs one trained token costs: ``6N`` (full) or ``4N + 6·adapters`` (frozen base), plus attention
-    over ``seq_length + prefix_length`` keys."""
-    base = matmul_parameters(config)
-    weights = 6 * base if method == "full" else 4 * base + 6 * adapter_parameters
+def training_flops_per_token(config: ChatGLMConfig, method: Method, seq_length: int, prefix_length: int = 0,
+                             trainable: int = 0) -> float:
+    """FLOPs one trained token costs: the method's weight FLOPs (``6N`` full, ``4N + 6·adapters`` over a frozen
+    base), plus attention over ``seq_length + prefix_length`` keys."""
+    weights = method.weight_flops(matmul_parameters(config), trainable)
     heads_width = config.num_attention_heads * config.kv_channels
     attention = 12 * config.num_layers * heads_width * (seq_length + prefix_length)
     return float(weights + attention)

@@ -26,7 +26,7 @@ from glm_portable.modeling import ChatGLMConfig, resolve_dtype
 from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
 from glm_portable.training.launcher import is_launched_child, launch, trainable_parameters
-from glm_portable.training.methods import build_model
+from glm_portable.training.methods import build_model, get_method
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.trainer import GlmTrainer, gather_from_ranks, leave_process_group, training_arguments, world
 
@@ -73,7 +73,7 @@ def train_options(workload: Workload, device: Optional[str], dtype: Optional[str
     return TrainOptions(
         model=Path(workload.shape), data=Path("."), output=output, method=workload.method, device=device, dtype=dtype,
         pre_seq_len=workload.pre_seq_len, lora_rank=workload.lora_rank, lora_dropout=0.0,
-        deepspeed="zero2" if workload.method == "full" else None, lr=workload.learning_rate,
+        deepspeed="zero2" if get_method(workload.method).distributed_optimizer else None, lr=workload.learning_rate,
         batch_size=workload.batch_size, grad_accum=workload.grad_accum, max_steps=workload.total_steps,
         logging_steps=1, save_steps=workload.total_steps + 1, seed=workload.seed, padding="fixed",
         gradient_checkpointing=workload.gradient_checkpointing, nproc=nproc, master_port=master_port,
@@ -96,7 +96,7 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
         model = build_model(options, backend, dtype, local_rank, shape=None if workload.from_directory else shape)
         data = Dataset.from_dict(synthetic_rows(workload, shape))
         log = StepLog()
-        trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=workload.method,
+        trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=get_method(workload.method),
                              data_collator=TrainCollator(0, "fixed", workload.seq_length),
                              callbacks=[StepTimer(backend, log)])
         trainer.train()
@@ -105,18 +105,18 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
     if rank != 0:
         return None
     trainable, total = trainable_parameters(options, shape)
-    return _results(workload, backend, dtype, log, peaks, trainable, total, shape, peak_tflops)
+    prefix = get_method(options.method).prefix_length(options)
+    return _results(workload, backend, dtype, log, peaks, trainable, total, shape, prefix, peak_tflops)
 
 
 def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: StepLog, peaks: list[int],
-             trainable: int, total: int, shape: ChatGLMConfig, peak_tflops: Optional[float]) -> dict[str, Any]:
+             trainable: int, total: int, shape: ChatGLMConfig, prefix: int,
+             peak_tflops: Optional[float]) -> dict[str, Any]:
     measured = log.times[workload.warmup:]
     seconds = sum(measured)
     samples = len(measured) * workload.batch_size * workload.grad_accum * workload.world_size
     tokens = samples * workload.seq_length
-    adapters = trainable if workload.method == "lora" else 0
-    prefix = workload.pre_seq_len if workload.method == "ptuning" else 0
-    per_token = training_flops_per_token(shape, workload.method, workload.seq_length, prefix, adapters)
+    per_token = training_flops_per_token(shape, get_method(workload.method), workload.seq_length, prefix, trainable)
     device_name = (backend.device_names() or [""])[0]
     peak = backend.peak_tflops(dtype, device_name, peak_tflops)
     tokens_per_device = tokens / seconds / workload.world_size
@@ -152,13 +152,14 @@ def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: 
     if out.exists() and not overwrite:
         raise UserError(f"{out}: exists (use --overwrite to replace it)")
     dtype = resolve_dtype(dtype_name, backend)
-    if workload.method == "full" and backend.deepspeed_dtype(dtype) != dtype:
+    distributed = get_method(workload.method).distributed_optimizer
+    if distributed and backend.deepspeed_dtype(dtype) != dtype:
         trained = str(backend.deepspeed_dtype(dtype)).removeprefix("torch.")
         raise UserError(f"--dtype {dtype_name} with --method full on {backend.name}: DeepSpeed trains in {trained} "
                         f"there, so the record would misstate its dtype; use --dtype {trained} or a ptuning / lora "
                         "workload")
     workload.world_size = nproc
-    if (nproc > 1 or workload.method == "full") and not is_launched_child():
+    if (nproc > 1 or distributed) and not is_launched_child():
         code = launch(train_options(workload, backend.name, dtype_name, out, nproc, master_port), backend, argv)
         if code != 0:
             raise TrainingStopped(f"the benchmark processes failed (exit code {code}); see their output above")

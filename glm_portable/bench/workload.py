@@ -16,7 +16,7 @@ from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig, load_config
 from glm_portable.modeling.model import IGNORE_INDEX
 from glm_portable.modeling.tiny import tiny_config
-from glm_portable.training.options import DEFAULT_LR, METHODS
+from glm_portable.training.methods import METHODS, get_method
 
 # "1b" is a 1.1B-parameter cut of the ChatGLM2 architecture for full fine-tuning on one card.
 SHAPES: dict[str, Callable[[], ChatGLMConfig]] = {
@@ -50,8 +50,7 @@ class Workload:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        get_method(self.method)
         if self.shape not in SHAPE_NAMES and not (Path(self.shape) / "config.json").is_file():
             raise UserError(f"--shape {self.shape}: expected {', '.join(SHAPE_NAMES)} or a model directory with config.json")
         positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--steps": self.steps,
@@ -67,7 +66,7 @@ class Workload:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
 
     @property
     def seq_length(self) -> int:
@@ -98,10 +97,9 @@ class Workload:
             data["shape"] = f"dir:{Path(self.shape).resolve().name}"
         config = self.config()
         data["architecture"] = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)}
-        if self.method != "ptuning":
-            data.pop("pre_seq_len")
-        if self.method != "lora":
-            data.pop("lora_rank")
+        kept = get_method(self.method).record_fields
+        for key in {field for m in METHODS.values() for field in m.record_fields} - set(kept):
+            data.pop(key)
         return data
 
 

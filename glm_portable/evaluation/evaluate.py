@@ -15,8 +15,8 @@ from glm_portable.backends import Backend
 from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
-from glm_portable.jsonfile import read_json_object, write_json_object
-from glm_portable.modeling import GenerationSettings, load_model, load_prefix, load_tokenizer
+from glm_portable.jsonfile import write_json_object
+from glm_portable.modeling import GenerationSettings, load_model, load_tokenizer
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
 from glm_portable.training.methods import check_same_architecture, detect_method
@@ -74,6 +74,7 @@ def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Bac
     (``detect_method``). ``impl`` "remote" runs the directory's own model code (patched) instead of the native one.
     """
     def base(path: Path = model_dir, **prefix) -> torch.nn.Module:
+        """The base in the inference dtype, from ``model_dir`` or (a full checkpoint) another directory."""
         if impl == "remote":
             return load_remote(path, backend, dtype, **prefix).model
         return load_model(path, dtype=dtype, device=backend, **prefix)
@@ -81,18 +82,8 @@ def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Bac
     if checkpoint is None:
         return base()
     checkpoint = resolve_checkpoint(checkpoint)
-    method = detect_method(checkpoint)
     check_same_architecture(model_dir, checkpoint)
-    if method == "lora":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base(), str(checkpoint)).eval()
-    if method == "ptuning":
-        config = read_json_object(checkpoint / "config.json")
-        model = base(pre_seq_len=config["pre_seq_len"], prefix_projection=bool(config.get("prefix_projection")))
-        load_prefix(model, checkpoint)
-        return model.eval()
-    return base(checkpoint)
+    return detect_method(checkpoint).for_inference(base, checkpoint)
 
 
 @dataclass

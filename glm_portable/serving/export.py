@@ -36,15 +36,14 @@ def export(options: ExportOptions) -> tuple[Path, str]:
     dtype = resolve_dtype(options.dtype or _base_dtype(Path(options.model)), cpu)
     tokenizer = load_tokenizer(options.model)
     model = load_for_inference(Path(options.model), checkpoint, cpu, torch.float32)
-    if method == "lora":
-        model = model.merge_and_unload()
+    model = method.merged(model)
     model.to(dtype)
     encoder = getattr(model.transformer, "prefix_encoder", None)
     if encoder is not None:
         encoder.float()
     model.config.use_cache = True
     out = save_model(model, options.out, tokenizer, overwrite=options.overwrite, files_from=Path(options.model))
-    return out, method
+    return out, method.name
 
 
 def _base_dtype(model_dir: Path) -> str:

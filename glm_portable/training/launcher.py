@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -12,9 +11,10 @@ import torch
 
 from glm_portable.backends import DEVICE_ENV, Backend, BackendUnavailable, get_backend, select_backend
 from glm_portable.data import check_compatible, template_for
-from glm_portable.modeling import ChatGLMConfig, load_config, load_tokenizer, new_model, resolve_dtype
+from glm_portable.modeling import ChatGLMConfig, load_config, load_tokenizer, resolve_dtype
 
 from .deepspeed_config import build_deepspeed_config
+from .methods import get_method
 from .options import TrainOptions
 
 LAUNCHED_ENV = "GLM_PORTABLE_LAUNCHED"
@@ -118,19 +118,8 @@ class LauncherOutput:
 def trainable_parameters(options: TrainOptions, shape: ChatGLMConfig | None = None) -> tuple[int, int]:
     """(trainable, total) parameter counts, from the config alone (meta tensors, no weights read):
     ``options.model``'s, or ``shape`` for a benchmark's random-weight model."""
-    config = copy.deepcopy(shape) if shape is not None else load_config(options.model)
-    if options.method == "ptuning":
-        config.pre_seq_len, config.prefix_projection = options.pre_seq_len, options.prefix_projection
-    with torch.device("meta"):
-        model = new_model(config)
-    total = sum(p.numel() for p in model.parameters())
-    if options.method == "ptuning":
-        return sum(p.numel() for p in model.transformer.prefix_encoder.parameters()), total
-    if options.method == "full":
-        return total, total
-    per_layer = sum(m.in_features + m.out_features for name, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in options.lora_target)
-    return per_layer * options.lora_rank, total + per_layer * options.lora_rank
+    config = shape if shape is not None else load_config(options.model)
+    return get_method(options.method).count_parameters(config, options)
 
 
 def dry_run_plan(options: TrainOptions) -> dict[str, Any]:

@@ -9,10 +9,7 @@ from typing import Any, Optional
 from glm_portable.errors import UserError
 from glm_portable.modeling.remote import check_impl
 
-METHODS = ("ptuning", "lora", "full")
-# The recipes users come from (docs/thudm-compatibility.md): THUDM's P-Tuning train.sh, the ChatGLM-6B LoRA
-# repositories' finetune scripts, THUDM's ds_train_finetune.sh.
-DEFAULT_LR = {"ptuning": 2e-2, "lora": 1e-4, "full": 1e-4}
+from .methods import METHODS, get_method
 
 
 @dataclass
@@ -53,16 +50,16 @@ class TrainOptions:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.lr is None and self.method in DEFAULT_LR:
-            self.lr = DEFAULT_LR[self.method]
+        if self.lr is None and self.method in METHODS:
+            self.lr = METHODS[self.method].default_lr
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        method = get_method(self.method)
         check_impl(self.impl)
-        if self.method == "full" and self.deepspeed is None:
-            raise UserError("--method full needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state sharded)")
-        if self.deepspeed is not None and self.method != "full":
+        if method.distributed_optimizer and self.deepspeed is None:
+            raise UserError(f"--method {self.method} needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state "
+                            "sharded)")
+        if self.deepspeed is not None and not method.distributed_optimizer:
             raise UserError(f"--deepspeed is for --method full; {self.method} trains too few parameters to need it")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             raise UserError(f"--deepspeed-config {self.deepspeed_config}: no such file")

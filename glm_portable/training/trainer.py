@@ -35,7 +35,7 @@ from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
 
 from .deepspeed_config import build_deepspeed_config
-from .methods import build_model, load_trained, save_trained
+from .methods import Method, build_model, get_method
 from .options import TrainOptions
 from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, checkpoint_step, complete_checkpoints, mark_complete,
                       plot_loss, prepare_run_dir, rotate_checkpoints, truncate_metrics)
@@ -59,7 +59,7 @@ class CountingCollator:
 class GlmTrainer(Trainer):
     """Checkpoints hold only what the method trains; complete ones are marked; non-finite losses are caught."""
 
-    def __init__(self, *args, method: str, base_dir: Optional[Path] = None, **kwargs) -> None:
+    def __init__(self, *args, method: Method, base_dir: Optional[Path] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.method = method
         self.base_dir = base_dir
@@ -68,11 +68,11 @@ class GlmTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if not self.args.should_save:
             return  # under DeepSpeed every rank gets here; one writer per checkpoint
-        save_trained(self.accelerator.unwrap_model(self.model), self.method, Path(output_dir or self.args.output_dir),
-                     state_dict if self.method == "full" else None, self.base_dir)
+        self.method.save(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir),
+                         state_dict, self.base_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
-        load_trained(model or self.model, self.method, Path(resume_from_checkpoint))
+        self.method.load(model or self.model, Path(resume_from_checkpoint))
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save only trained tensors that are all finite, mark the checkpoint COMPLETE (with its files'
@@ -252,7 +252,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
         collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
         callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
         trainer = GlmTrainer(model=model, args=args,
-                             train_dataset=dataset, data_collator=collator, callbacks=[callback], method=options.method,
+                             train_dataset=dataset, data_collator=collator, callbacks=[callback], method=get_method(options.method),
                              base_dir=options.model, **token_weighted_loss(model))
         callback.trainer = trainer
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

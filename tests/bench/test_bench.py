@@ -14,6 +14,7 @@ from glm_portable.bench.record import read_record
 from glm_portable.bench.workload import Workload, synthetic_rows
 from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig
+from glm_portable.training.methods import METHODS
 from tests.conftest import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -121,9 +122,10 @@ def test_flops_match_a_hand_count_of_chatglm2_6b():
     assert matmul_parameters(ChatGLMConfig()) == layers * per_layer + h * vocab
     n = layers * per_layer + h * vocab
     attention = 12 * layers * 32 * 128 * (192 + 128)
-    assert training_flops_per_token(ChatGLMConfig(), "ptuning", 192, 128) == 4 * n + attention
-    assert training_flops_per_token(ChatGLMConfig(), "full", 192) == 6 * n + 12 * layers * 32 * 128 * 192
-    assert training_flops_per_token(ChatGLMConfig(), "lora", 192, 0, 1000) == 4 * n + 6000 + 12 * layers * 32 * 128 * 192
+    ptuning, full, lora = (METHODS[name] for name in ("ptuning", "full", "lora"))
+    assert training_flops_per_token(ChatGLMConfig(), ptuning, 192, 128, 99) == 4 * n + attention
+    assert training_flops_per_token(ChatGLMConfig(), full, 192) == 6 * n + 12 * layers * 32 * 128 * 192
+    assert training_flops_per_token(ChatGLMConfig(), lora, 192, 0, 1000) == 4 * n + 6000 + 12 * layers * 32 * 128 * 192
 
 
 def test_synthetic_rows_are_seeded_and_learnable():
