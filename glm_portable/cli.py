@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -15,8 +16,14 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from glm_portable.errors import GlmPortableError, UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, typer_command
-from glm_portable.serving.options import ExportOptions, ServeOptions
+from glm_portable.schema import DEVICE_HELP, typer_command
+from glm_portable.bench.options import BenchOptions
+from glm_portable.data.options import PreprocessOptions
+from glm_portable.demo import DemoOptions
+from glm_portable.evaluation.options import EvalOptions
+from glm_portable.modeling.options import TinyModelOptions
+from glm_portable.serving.options import ChatOptions, ExportOptions, ServeOptions
+from glm_portable.training.options import TrainOptions
 
 CONFIG_HELP = ("Every command's options may also come from a YAML file: --config FILE.yaml (or the file right after "
                "the command, `glm-portable train run.yaml`), with keys named as the options (max-steps: 100); "
@@ -37,7 +44,6 @@ def _root() -> None:
 
 
 DeviceOption = typer.Option(None, "--device", help=DEVICE_HELP)
-ImplOption = typer.Option("native", "--impl", help=IMPL_HELP)
 
 
 @app.command("env")
@@ -81,59 +87,22 @@ def env_command(
         err_console.print(f"[yellow]warning:[/] {escape(cpu['warning'])}")
 
 
-@app.command("make-tiny-model")
-def make_tiny_model_command(
-    out: Path = typer.Argument(..., help="Directory to create."),
-    family: str = typer.Option("chatglm3", help="chatglm (ChatGLM-6B), chatglm2 or chatglm3 (architecture, "
-                               "prompt format and special tokens)."),
-    layers: int = typer.Option(2, help="Number of transformer layers."),
-    hidden_size: int = typer.Option(64, help="Hidden size."),
-    heads: int = typer.Option(4, help="Attention heads (head size = hidden / heads)."),
-    kv_groups: Optional[int] = typer.Option(None, help="Key/value groups (multi-query attention; default 2; "
-                                            "not for chatglm)."),
-    vocab_size: int = typer.Option(1000, help="SentencePiece vocabulary size before the special tokens."),
-    seed: int = typer.Option(0, help="Seed of the random weights."),
-    shards: int = typer.Option(1, help="Number of safetensors shards (more than one writes an index json)."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
-) -> None:
-    """Build a small ChatGLM-6B, ChatGLM2 or ChatGLM3 directory in upstream layout (tokenizer, config, random
-    weights) in seconds."""
+def _make_tiny_model(options: TinyModelOptions) -> None:
     from glm_portable.modeling.tiny import make_tiny_model
 
-    with console.status(f"training a {vocab_size}-piece tokenizer and writing a {layers}-layer {family} model"):
-        path = make_tiny_model(out, family, layers, hidden_size, heads, kv_groups, vocab_size, seed, shards, overwrite)
-    console.print(f"wrote {family} tiny model to [bold]{path}[/]")
+    choices = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "out"}
+    with console.status(f"training a {options.vocab_size}-piece tokenizer and writing a {options.layers}-layer "
+                        f"{options.family} model"):
+        path = make_tiny_model(options.out, **choices)
+    console.print(f"wrote {options.family} tiny model to [bold]{path}[/]")
 
 
-@app.command("preprocess")
-def preprocess_command(
-    model: Path = typer.Option(..., help="Model directory (its tokenizer and family decide the template)."),
-    train_file: Path = typer.Option(..., help="Training data: JSON lines or a JSON array."),
-    out: Path = typer.Option(..., help="Output directory (Arrow shards + manifest.json)."),
-    eval_file: Optional[Path] = typer.Option(None, help="Evaluation data, same format."),
-    format: Optional[str] = typer.Option(None, help="adgen|prompt-completion|context-target|alpaca|conversations (default: detected)."),
-    prompt_column: Optional[str] = typer.Option(None, help="Prompt column (adgen: content)."),
-    response_column: Optional[str] = typer.Option(None, help="Answer column (adgen: summary)."),
-    history_column: Optional[str] = typer.Option(None, help="Column of earlier [query, response] pairs."),
-    max_source_length: int = typer.Option(64, help="Prompt tokens kept, [gMASK] sop included."),
-    max_target_length: int = typer.Option(128, help="Answer tokens kept."),
-    source_prefix: str = typer.Option("", help="Text put before every prompt."),
-    num_shards: int = typer.Option(8, help="Arrow shards per split."),
-    num_proc: int = typer.Option(1, help="Tokenizer threads."),
-    overwrite: bool = typer.Option(False, help="Replace OUT even if it holds data."),
-    skip_bad_rows: bool = typer.Option(False, help="Skip malformed rows (counted and listed in the manifest) instead of failing."),
-) -> None:
-    """Tokenize a dataset once into Arrow shards that every backend trains from."""
+def _preprocess(options: "PreprocessOptions") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from glm_portable.data import Columns, PreprocessOptions, preprocess
+    from glm_portable.data import preprocess
 
-    options = PreprocessOptions(
-        model=model, train_file=train_file, out=out, eval_file=eval_file, format=format,
-        columns=Columns(prompt_column, response_column, history_column), max_source_length=max_source_length,
-        max_target_length=max_target_length, source_prefix=source_prefix, num_shards=num_shards, num_proc=num_proc,
-        overwrite=overwrite, skip_bad_rows=skip_bad_rows,
-    )
+    out = options.out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:
         tasks: dict[str, int] = {}
@@ -159,162 +128,40 @@ def preprocess_command(
     console.print(f"wrote [bold]{out}[/] in {manifest['seconds']} s")
 
 
-@app.command("train")
-def train_command(
-    model: Path = typer.Option(..., help="Base model directory."),
-    data: Path = typer.Option(..., help="Directory written by `glm-portable preprocess` for this model."),
-    output: Path = typer.Option(..., help="Run directory (checkpoints, metrics.jsonl, run.json, loss.png)."),
-    method: str = typer.Option("ptuning", help="ptuning (P-Tuning v2), lora, or full (with --deepspeed)."),
-    impl: str = ImplOption,
-    deepspeed: Optional[str] = typer.Option(None, help="zero2 or zero3: DeepSpeed ZeRO for --method full."),
-    deepspeed_config: Optional[Path] = typer.Option(None, help="A DeepSpeed JSON merged over the generated config."),
-    offload: bool = typer.Option(False, help="ZeRO optimizer state offloaded to CPU memory."),
-    device: Optional[str] = DeviceOption,
-    dtype: Optional[str] = typer.Option(None, help="Base model dtype (default: the backend's: bf16, fp16 or fp32 on CPU)."),
-    pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
-    prefix_projection: bool = typer.Option(False, help="P-Tuning with the two-layer prefix projection."),
-    lora_rank: int = typer.Option(8), lora_alpha: int = typer.Option(32), lora_dropout: float = typer.Option(0.1),
-    lora_target: str = typer.Option("query_key_value", help="Comma-separated module names LoRA adapts."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default by method: ptuning 2e-2, lora 1e-4, full 1e-4)."),
-    batch_size: int = typer.Option(1, help="Per-process batch size."),
-    grad_accum: int = typer.Option(16, help="Gradient accumulation steps."),
-    max_steps: int = typer.Option(3000), warmup_steps: int = typer.Option(0),
-    logging_steps: int = typer.Option(10), save_steps: int = typer.Option(1000),
-    save_total_limit: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints."),
-    seed: int = typer.Option(42),
-    padding: Optional[str] = typer.Option(None, help="fixed (static shapes; NPU default) or dynamic (others' default)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations to save memory."),
-    nproc: int = typer.Option(1, help="Processes (cards) on this node."),
-    nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
-    master_addr: str = typer.Option("127.0.0.1"), master_port: int = typer.Option(29500),
-    resume: Optional[str] = typer.Option(None, help="auto (newest complete checkpoint of --output) or a checkpoint dir."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run in --output."),
-    dry_run: bool = typer.Option(False, help="Print the plan (processes, devices, environment, precision, data) and exit."),
-) -> None:
-    """Fine-tune with P-Tuning v2, LoRA or full fine-tuning on one card or many (same command on CPU, GPU and NPU).
+def _train(options: "TrainOptions") -> None:
+    from glm_portable.entry import train
 
-    Options may also come from a YAML file: --config run.yaml, or `glm-portable train run.yaml`; flags win.
-    """
-    from glm_portable.backends import select_backend
-    from glm_portable.training.launcher import dry_run_plan, is_launched_child, launch, plan
-    from glm_portable.training.options import TrainOptions
-    from glm_portable.training.run_dir import refuse_finished, resolve_resume
-    from glm_portable.training.trainer import run_identity, run_training
-
-    options = TrainOptions(
-        model=model, data=data, output=output, method=method, impl=impl, deepspeed=deepspeed, deepspeed_config=deepspeed_config,
-        offload=offload, device=device, dtype=dtype, pre_seq_len=pre_seq_len,
-        prefix_projection=prefix_projection, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target=[t.strip() for t in lora_target.split(",") if t.strip()], lr=lr, batch_size=batch_size,
-        grad_accum=grad_accum, max_steps=max_steps, warmup_steps=warmup_steps, logging_steps=logging_steps,
-        save_steps=save_steps, save_total_limit=save_total_limit, seed=seed, padding=padding,
-        gradient_checkpointing=gradient_checkpointing, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-        master_addr=master_addr, master_port=master_port, resume=resume, overwrite=overwrite,
-    )
-    options.validate()
-    if dry_run:
-        print(json.dumps(dry_run_plan(options), indent=2, ensure_ascii=False))
-        return
-    selection = select_backend(device)
-    if (nproc > 1 or nnodes > 1 or options.deepspeed) and not is_launched_child():
-        plan(options, selection.backend, selection.reason)
-        checkpoint = resolve_resume(options.output, run_identity(options), options.resume, options.overwrite,
-                                    nproc * nnodes, verify=False)  # rank 0 verifies the checksums once
-        refuse_finished(options.output, checkpoint, options.max_steps)
-        console.print(f"launching {nproc} × {nnodes} processes on {selection.backend.name}")
-        raise typer.Exit(launch(options, selection.backend, sys.argv[1:]))
-    result = run_training(options, selection.backend, selection.reason)
-    if int(os.environ.get("RANK", 0)) == 0:
-        console.print(f"done: {json.dumps(result.metrics)}; run directory [bold]{output}[/]")
+    outcome = train(options, announce=console.print)
+    if outcome.plan is not None:
+        print(json.dumps(outcome.plan, indent=2, ensure_ascii=False))
+    elif outcome.exit_code is not None:
+        raise typer.Exit(outcome.exit_code)
+    elif outcome.rank == 0:
+        console.print(f"done: {json.dumps(outcome.metrics)}; run directory [bold]{options.output}[/]")
 
 
-@app.command("evaluate")
-def evaluate_command(
-    model: Path = typer.Option(..., help="Base model directory."),
-    data: Path = typer.Option(..., help="A preprocessed directory (its eval split) or a raw JSON/JSONL file."),
-    output: Path = typer.Option(..., help="Where generated_predictions.txt and eval_results.json go."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A run directory or checkpoint: prefix, LoRA adapter or full model."),
-    device: Optional[str] = DeviceOption,
-    dtype: Optional[str] = typer.Option(None, help="Model dtype (default: the backend's)."),
-    batch_size: int = typer.Option(32, help="Prompts generated together (left-padded, KV cache)."),
-    max_new_tokens: int = typer.Option(128),
-    sample: bool = typer.Option(False, help="Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy."),
-    top_p: float = typer.Option(0.7), temperature: float = typer.Option(0.95), seed: int = typer.Option(42),
-    max_source_length: int = typer.Option(64, help="Prompt length for raw files."),
-    max_target_length: int = typer.Option(128, help="Answer tokens the references are cut to, for raw files "
-                                          "(THUDM's scoring; preprocessed data carries its own)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N rows only."),
-    impl: str = ImplOption,
-    overwrite: bool = typer.Option(False, help="Replace an earlier evaluation in --output."),
-) -> None:
-    """Generate answers for held-out prompts and score them with THUDM's BLEU-4 and ROUGE."""
-    from glm_portable.process import start_process
+def _evaluate(options: "EvalOptions") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from glm_portable.backends import select_backend
-    from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
-    from glm_portable.modeling.remote import check_impl
+    from glm_portable.entry import evaluate
+    from glm_portable.evaluation import METRIC_KEYS
 
-    check_impl(impl)
-    selection = select_backend(device)
-    start_process(selection.backend)
-    options = EvalOptions(model=model, data=data, output=output, checkpoint=checkpoint, batch_size=batch_size,
-                          sampling=evaluation_settings(max_new_tokens, sample, top_p, temperature, seed), dtype=dtype,
-                          max_source_length=max_source_length, max_target_length=max_target_length, limit=limit,
-                          impl=impl, overwrite=overwrite)
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bars:
         task = bars.add_task("generating", total=None)
-        results = evaluate(options, selection.backend, on_start=lambda n: bars.update(task, total=n),
+        results = evaluate(options, on_start=lambda n: bars.update(task, total=n),
                            on_batch=lambda n: bars.advance(task, n))
     console.print(" ".join(f"{k} {results[k]:.2f}" for k in METRIC_KEYS)
                   + f"  ({results['samples']} samples, {results['empty_predictions']} empty; "
-                  f"{results['samples_per_second']} samples/s on {selection.backend.name})")
-    console.print(f"wrote [bold]{output}[/]")
+                  f"{results['samples_per_second']} samples/s on {results['settings']['device']})")
+    console.print(f"wrote [bold]{options.output}[/]")
 
 
-@app.command("chat")
-def chat_command(
-    model: Path = typer.Option(..., help="Base model directory."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A run directory or checkpoint: prefix, LoRA adapter or full model."),
-    query: Optional[str] = typer.Option(None, help="Answer this one question, print the answer and exit."),
-    device: Optional[str] = DeviceOption,
-    dtype: Optional[str] = typer.Option(None),
-    max_new_tokens: int = typer.Option(256),
-    greedy: bool = typer.Option(False, help="Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8)."),
-    top_p: float = typer.Option(0.8), temperature: float = typer.Option(0.8),
-    impl: str = ImplOption,
-) -> None:
-    """Chat in the terminal (streaming, history, /clear, /exit), or answer one --query for scripts."""
-    from glm_portable.process import start_process
-    from glm_portable.backends import select_backend
-    from glm_portable.evaluation import load_for_inference
-    from glm_portable.modeling import GenerationSettings, load_tokenizer, stream_chat
-    from glm_portable.modeling.remote import check_impl, load_remote_tokenizer
+def _chat(options: ChatOptions) -> None:
+    from glm_portable.entry import open_chat
 
-    check_impl(impl)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, top_p=top_p, temperature=temperature)
-    settings.check()
-    if query is not None and not query.strip():
-        raise UserError("--query is empty: give the question to answer")
-    selection = select_backend(device)
-    start_process(selection.backend)
-    loaded = load_for_inference(model, checkpoint, selection.backend, dtype, impl)
-    if impl == "remote":
-        tokenizer = load_remote_tokenizer(model, selection.backend)
-        family = type(tokenizer).__name__
-
-        def turns(text: str, history: list):
-            """The directory's own stream_chat, as its README runs it."""
-            yield from loaded.stream_chat(tokenizer, text, history, max_new_tokens=max_new_tokens,
-                                          do_sample=not greedy, top_p=top_p, temperature=temperature)
-    else:
-        tokenizer = load_tokenizer(model)
-        family = tokenizer.family
-
-        def turns(text: str, history: list):
-            yield from stream_chat(loaded, tokenizer, text, history, settings)
-
+    session = open_chat(options)
+    turns, query = session.turns, options.query
     if query is not None:
         answer = ""
         for answer, _ in turns(query, []):
@@ -325,8 +172,8 @@ def chat_command(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    console.print(f"{family} ({impl}) on {selection.backend.name}. Type /clear to forget the conversation, /exit "
-                  "to leave; Ctrl-C stops an answer, and quits at the prompt.")
+    console.print(f"{session.description}. Type /clear to forget the conversation, /exit to leave; Ctrl-C stops an "
+                  "answer, and quits at the prompt.")
     history: list = []
     while True:
         try:
@@ -352,23 +199,15 @@ def chat_command(
         print()
 
 
-@app.command("demo")
-def demo_command(
-    output: Path = typer.Option(Path("glm-portable-demo"), help="Directory for everything the demo makes (an earlier demo there is replaced)."),
-    method: str = typer.Option("lora", help="lora or ptuning."),
-    family: str = typer.Option("chatglm3", help="chatglm (ChatGLM-6B), chatglm2 or chatglm3."),
-    device: Optional[str] = DeviceOption,
-    steps: int = typer.Option(200, help="Training steps."),
-) -> None:
-    """The whole pipeline on a tiny model: build, preprocess, evaluate, fine-tune, evaluate again, report."""
+def _demo(options: DemoOptions) -> None:
     from glm_portable.backends import select_backend
     from glm_portable.demo import run_demo
     from glm_portable.evaluation import METRIC_KEYS
 
-    selection = select_backend(device)
+    selection = select_backend(options.device)
     console.print(f"device: [bold]{selection.backend.name}[/] ({selection.reason})")
     with console.status("starting") as status:
-        report = run_demo(output, method, selection, steps, stage=lambda text: status.update(text), family=family)
+        report = run_demo(options, selection, stage=lambda text: status.update(text))
     losses = report.losses
     console.print(f"trained {report.method} for {report.steps} steps; loss "
                   + " → ".join(f"{loss:.2f}" for _, loss in losses[:: max(1, len(losses) // 6)] + losses[-1:]))
@@ -382,49 +221,10 @@ def demo_command(
                   "metrics.jsonl, loss.png), eval-before/, eval-after/ (generated_predictions.txt, eval_results.json)")
 
 
-@app.command("bench")
-def bench_command(
-    shape: str = typer.Option(..., help="tiny, 1b, chatglm-6b, chatglm2-6b, chatglm3-6b (random weights, no download) or a model directory."),
-    out: Path = typer.Option(..., help="The record to write (JSON)."),
-    method: str = typer.Option("ptuning", help="ptuning, lora, or full (DeepSpeed ZeRO-2)."),
-    device: Optional[str] = DeviceOption,
-    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: the backend's)."),
-    steps: int = typer.Option(20, help="Measured optimizer steps."),
-    warmup: int = typer.Option(3, help="Steps run first and not timed (their losses are kept)."),
-    batch_size: int = typer.Option(4, help="Per-device batch size."),
-    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
-    source_length: int = typer.Option(64, help="Prompt tokens per sample (THUDM: 64)."),
-    target_length: int = typer.Option(128, help="Answer tokens per sample (THUDM: 128)."),
-    pre_seq_len: int = typer.Option(128, help="P-Tuning prefix length."),
-    lora_rank: int = typer.Option(8, help="LoRA rank."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default by method: ptuning 2e-2, lora 1e-4, full 1e-4)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations to save memory."),
-    nproc: int = typer.Option(1, help="Processes (cards) on this node."),
-    master_port: int = typer.Option(29500),
-    seed: int = typer.Option(42, help="Seeds the weights, the synthetic data and the run."),
-    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (default: the backend's table)."),
-    name: Optional[str] = typer.Option(None, help="The record's name in comparisons (default: backend-dtype-Nx)."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
-) -> None:
-    """Measure a standard fine-tuning workload: samples/s, tokens/s, step times, MFU, peak memory, losses."""
-    from glm_portable.backends import select_backend
-    from glm_portable.bench.runner import bench
-    from glm_portable.bench.workload import Workload
+def _bench(options: "BenchOptions") -> None:
+    from glm_portable.entry import bench
 
-    workload = Workload(shape=shape, method=method, batch_size=batch_size, grad_accum=grad_accum,
-                        source_length=source_length, target_length=target_length, pre_seq_len=pre_seq_len,
-                        lora_rank=lora_rank, lr=lr, steps=steps, warmup=warmup, seed=seed,
-                        gradient_checkpointing=gradient_checkpointing)
-    workload.validate()
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    if peak_tflops is not None and not peak_tflops > 0:
-        raise UserError(f"--peak-tflops must be a positive number, got {peak_tflops}")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; give the record's file name")
-    selection = select_backend(device)
-    record = bench(workload, selection.backend, dtype, out, name, peak_tflops, nproc, master_port, overwrite,
-                   sys.argv[1:])
+    record = bench(options)
     if record is None:
         return
     res = record["results"]
@@ -432,7 +232,7 @@ def bench_command(
     console.print(f"{record['name']}: {res['samples_per_s']:.2f} samples/s, {res['tokens_per_s']:.0f} tokens/s, "
                   f"step p50 {res['step_time_s']['p50'] * 1000:.1f} ms p90 {res['step_time_s']['p90'] * 1000:.1f} ms, "
                   f"MFU {mfu}, peak memory {max(res['peak_memory_bytes']) / 2**30:.2f} GiB")
-    console.print(f"wrote [bold]{out}[/]")
+    console.print(f"wrote [bold]{options.out}[/]")
 
 
 @app.command("compare")
@@ -471,6 +271,24 @@ def _export(options: ExportOptions) -> None:
     console.print(f"wrote {method} model directory [bold]{out}[/] (upstream layout)")
 
 
+app.command("preprocess")(typer_command(PreprocessOptions, _preprocess, "Tokenize a dataset once into Arrow shards "
+                                        "that every backend trains from."))
+app.command("evaluate")(typer_command(EvalOptions, _evaluate, "Generate answers for held-out prompts and score them "
+                                      "with THUDM's BLEU-4 and ROUGE."))
+app.command("make-tiny-model")(typer_command(TinyModelOptions, _make_tiny_model, "Build a small ChatGLM-6B, ChatGLM2 "
+                                             "or ChatGLM3 directory in upstream layout (tokenizer, config, random "
+                                             "weights) in seconds."))
+app.command("demo")(typer_command(DemoOptions, _demo, "The whole pipeline on a tiny model: build, preprocess, evaluate, "
+                                  "fine-tune, evaluate again, report."))
+app.command("chat")(typer_command(ChatOptions, _chat, "Chat in the terminal (streaming, history, /clear, /exit), or "
+                                  "answer one --query for scripts."))
+app.command("train")(typer_command(TrainOptions, _train, """Fine-tune with P-Tuning v2, LoRA or full fine-tuning on \
+one card or many (same command on CPU, GPU and NPU).
+
+    Options may also come from a YAML file: --config run.yaml, or `glm-portable train run.yaml`; flags win.
+    """))
+app.command("bench")(typer_command(BenchOptions, _bench, "Measure a standard fine-tuning workload: samples/s, "
+                                   "tokens/s, step times, MFU, peak memory, losses."))
 app.command("serve")(typer_command(ServeOptions, _serve,
                                    "Serve a model (and its checkpoint) over an OpenAI-compatible API and a chat page."))
 app.command("export")(typer_command(ExportOptions, _export,

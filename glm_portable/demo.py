@@ -14,22 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from glm_portable.backends import Selection
-from glm_portable.data import PreprocessOptions, preprocess
-from glm_portable.data.synthetic import adgen_rows
+from typing import TYPE_CHECKING, Literal
+
 from glm_portable.errors import UserError
-from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate, evaluation_settings
-from glm_portable.jsonfile import write_json_object
-from glm_portable.modeling.tiny import TINY_FAMILIES, V1_FAMILY, make_tiny_model
-from glm_portable.training.options import TrainOptions
-from glm_portable.training.run_dir import read_metrics
-from glm_portable.training.trainer import run_training
+from glm_portable.modeling.options import TinyFamily
+from glm_portable.schema import DEVICE_HELP, option, validate
+
+if TYPE_CHECKING:  # the pipeline's modules are imported when it runs, so that `--help` stays fast
+    from glm_portable.backends import Selection
 
 TRAIN_ROWS, EVAL_ROWS = 600, 40
 MARKER = ".glm-portable-demo"
 # The tiny base is random: a prefix has little to steer, so each method gets a rate that moves it.
 DEMO_LR = {"lora": 1e-2, "ptuning": 3e-1}
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class DemoOptions:
+    output: Path = option(Path("glm-portable-demo"), "Directory for everything the demo makes (an earlier demo "
+                          "there is replaced).")
+    method: Literal["lora", "ptuning"] = option("lora", "The fine-tuning method.")
+    family: TinyFamily = option("chatglm3", "ChatGLM-6B, ChatGLM2 or ChatGLM3 tiny model.")
+    device: Optional[str] = option(None, DEVICE_HELP)
+    steps: int = option(200, "Training steps.", minimum=1)
 
 
 @dataclass
@@ -45,16 +53,22 @@ class DemoReport:
     output: Path
 
 
-def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
-             stage: Optional[Callable[[str], None]] = None, family: str = "chatglm3") -> DemoReport:
-    """Run the demo in ``output``, replacing an earlier demo there but never any other directory.
+def run_demo(options: DemoOptions, selection: "Selection", stage: Optional[Callable[[str], None]] = None) -> DemoReport:
+    """Run the demo in ``options.output``, replacing an earlier demo there but never any other directory.
 
-    ``family`` chatglm runs it on a ChatGLM-6B (first generation) tiny model, chatglm2/3 on theirs.
+    Family chatglm runs it on a ChatGLM-6B (first generation) tiny model, chatglm2/3 on theirs.
     """
-    if method not in DEMO_LR:
-        raise UserError(f"--method {method!r}: expected one of {', '.join(DEMO_LR)}")
-    if family not in TINY_FAMILIES:
-        raise UserError(f"--family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
+    from glm_portable.data import PreprocessOptions, preprocess
+    from glm_portable.data.synthetic import adgen_rows
+    from glm_portable.evaluation import METRIC_KEYS, EvalOptions, evaluate
+    from glm_portable.jsonfile import write_json_object
+    from glm_portable.modeling.tiny import make_tiny_model
+    from glm_portable.training.options import TrainOptions
+    from glm_portable.training.run_dir import read_metrics
+    from glm_portable.training.trainer import run_training
+
+    validate(options)
+    output, method, family, steps = Path(options.output), options.method, options.family, options.steps
     if output.exists() and any(output.iterdir()):
         if not (output / MARKER).is_file():
             raise UserError(f"{output}: exists and was not made by `glm-portable demo`; choose another --output")
@@ -67,8 +81,7 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
     backend.prepare_process()
 
     say(f"building a tiny {family} model")
-    model = make_tiny_model(output / "model", family=family, hidden_size=128, layers=2, heads=4,
-                            kv_groups=None if family == V1_FAMILY else 2)
+    model = make_tiny_model(output / "model", family=family, hidden_size=128, layers=2, heads=4)
     say("writing the ADGEN-style dataset")
     rows = adgen_rows(TRAIN_ROWS + EVAL_ROWS, seed=0)
     for name, part in (("train.json", rows[:TRAIN_ROWS]), ("dev.json", rows[TRAIN_ROWS:])):
@@ -76,9 +89,8 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
     say("preprocessing")
     preprocess(PreprocessOptions(model=model, train_file=output / "train.json", eval_file=output / "dev.json",
                                  out=output / "data", max_target_length=64))
-    sampling = evaluation_settings(max_new_tokens=40)
     say("evaluating the untrained model")
-    before = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-before", sampling=sampling), backend)
+    before = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-before", max_new_tokens=40), backend)
     say(f"training ({method}, {steps} steps)")
     options = TrainOptions(model=model, data=output / "data", output=output / "run", method=method, lr=DEMO_LR[method],
                            pre_seq_len=16, lora_rank=16, lora_alpha=32, lora_dropout=0.0, lora_target=LORA_TARGETS,
@@ -87,7 +99,7 @@ def run_demo(output: Path, method: str, selection: Selection, steps: int = 200,
     run_training(options, backend, selection.reason)
     say("evaluating the fine-tuned model")
     after = evaluate(EvalOptions(model=model, data=output / "data", output=output / "eval-after",
-                                 checkpoint=output / "run", sampling=sampling), backend)
+                                 checkpoint=output / "run", max_new_tokens=40), backend)
     report = DemoReport(backend.name, selection.reason, method, steps,
                         [(m["step"], m["loss"]) for m in read_metrics(output / "run")], before, after,
                         time.perf_counter() - started, output)

@@ -17,7 +17,7 @@ import time
 import torch
 
 from glm_portable.backends import select_backend
-from glm_portable.bench.workload import SHAPE_NAMES, Workload
+from glm_portable.bench.options import SHAPE_NAMES, Workload
 from glm_portable.modeling import load_model, random_model, resolve_dtype
 
 def build(args, backend, dtype):

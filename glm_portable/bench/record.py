@@ -13,7 +13,7 @@ from glm_portable.environment import cann_version, library_versions
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object
 
-from .workload import Workload
+from .options import Workload
 
 RECORD_FORMAT = "glm-portable-bench/1"
 REQUIRED = ("name", "workload", "device.backend", "device.name", "device.count", "dtype", "versions.torch",

@@ -25,14 +25,16 @@ from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, resolve_dtype
 from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
-from glm_portable.training.launcher import is_launched_child, launch, trainable_parameters
+from glm_portable.schema import to_argv
+from glm_portable.training.launcher import LAUNCH_FIELDS, is_launched_child, launch, trainable_parameters
 from glm_portable.training.methods import build_model, get_method
 from glm_portable.training.options import TrainOptions
 from glm_portable.training.trainer import GlmTrainer, gather_from_ranks, leave_process_group, training_arguments, world
 
 from .flops import mfu, training_flops_per_token
 from .record import build_record
-from .workload import Workload, synthetic_rows
+from .options import BenchOptions, Workload
+from .workload import synthetic_rows
 
 
 @dataclass
@@ -142,14 +144,14 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
     }
 
 
-def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: Path, name: Optional[str],
-          peak_tflops: Optional[float], nproc: int, master_port: int, overwrite: bool, argv: list[str]) -> Optional[dict]:
-    """Measure the workload and write the record to ``out``: in this process, or, for several processes
-    and DeepSpeed, in ``nproc`` launched copies of this command whose rank 0 writes it.
+def bench(options: BenchOptions, backend: Backend) -> Optional[dict]:
+    """Measure the workload and write the record to ``options.out``: in this process, or, for several
+    processes and DeepSpeed, in ``nproc`` launched processes of the same benchmark whose rank 0 writes it.
 
     Returns the record, or None in launched ranks other than 0.
     """
-    if out.exists() and not overwrite:
+    workload, dtype_name, out, nproc = options, options.dtype, Path(options.out), options.nproc
+    if out.exists() and not options.overwrite:
         raise UserError(f"{out}: exists (use --overwrite to replace it)")
     dtype = resolve_dtype(dtype_name, backend)
     distributed = get_method(workload.method).distributed_optimizer
@@ -160,15 +162,17 @@ def bench(workload: Workload, backend: Backend, dtype_name: Optional[str], out: 
                         "workload")
     workload.world_size = nproc
     if (nproc > 1 or distributed) and not is_launched_child():
-        code = launch(train_options(workload, backend.name, dtype_name, out, nproc, master_port), backend, argv)
+        command = ["bench", *to_argv(options, leave_out=LAUNCH_FIELDS)]
+        code = launch(train_options(workload, backend.name, dtype_name, out, nproc, options.master_port), backend,
+                      command)
         if code != 0:
             raise TrainingStopped(f"the benchmark processes failed (exit code {code}); see their output above")
         return read_json_object(out)
     workload.world_size = world()[2]
-    measured = run_bench(workload, backend, dtype_name, peak_tflops)
+    measured = run_bench(workload, backend, dtype_name, options.peak_tflops)
     if measured is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = build_record(name, workload, measured, patches=list(APPLIED.names))
+    record = build_record(options.name, workload, measured, patches=list(APPLIED.names))
     write_json_object(out, record)
     return record

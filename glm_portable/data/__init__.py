@@ -1,22 +1,15 @@
-"""Datasets: formats, prompt templates, preprocessing into Arrow shards, batch collation."""
+"""Datasets: formats, prompt templates, preprocessing into Arrow shards, batch collation.
 
-from .collate import PADDING_MODES, TrainCollator
-from .formats import FORMATS, Columns
-from .manifest import check_compatible, read_manifest
-from .preprocessing import PreprocessOptions, PreprocessResult, load_preprocessed, preprocess
-from .templates import TEMPLATES, template_for
+Names are loaded on first use (``glm_portable.lazy``), so that reading ``data.options`` (the CLI does, to build
+its flags) imports no model code.
+"""
 
-__all__ = [
-    "FORMATS",
-    "PADDING_MODES",
-    "TEMPLATES",
-    "Columns",
-    "PreprocessOptions",
-    "PreprocessResult",
-    "TrainCollator",
-    "check_compatible",
-    "load_preprocessed",
-    "preprocess",
-    "read_manifest",
-    "template_for",
-]
+from glm_portable.lazy import lazy_exports
+
+_WHERE = {"PADDING_MODES": "collate", "TrainCollator": "collate", "FORMATS": "formats", "Columns": "formats",
+          "check_compatible": "manifest", "read_manifest": "manifest", "PreprocessOptions": "options",
+          "PreprocessResult": "preprocessing", "load_preprocessed": "preprocessing", "preprocess": "preprocessing",
+          "TEMPLATES": "templates", "template_for": "templates"}
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_exports(__name__, _WHERE)

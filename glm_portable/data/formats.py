@@ -7,13 +7,14 @@ so templates never need to know which format a file was in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from glm_portable.errors import UserError
 
 from .reader import BadRow, Record
 
-FORMATS = ("adgen", "prompt-completion", "context-target", "alpaca", "conversations")
+Format = Literal["adgen", "prompt-completion", "context-target", "alpaca", "conversations"]
+FORMATS: tuple[str, ...] = get_args(Format)
 CHAT_ROLES = ("system", "user", "assistant", "observation")
 
 

@@ -21,8 +21,10 @@ from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.locking import exclusive
 from glm_portable.modeling import load_config, load_tokenizer
+from glm_portable.schema import validate
 
-from .formats import FORMATS, Columns, Example, detect_format, to_example
+from .formats import Columns, Example, detect_format, to_example
+from .options import PreprocessOptions
 from .manifest import FORMAT_VERSION, MANIFEST, cache_key, file_sha256, read_manifest
 from .reader import BadRow, Record, read_records
 from .templates import Encoded, template_for
@@ -31,33 +33,6 @@ CHUNK_ROWS = 16384
 BAD_ROWS_LISTED = 100
 DETECT_ROWS = 20
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class PreprocessOptions:
-    model: Path
-    train_file: Path
-    out: Path
-    eval_file: Optional[Path] = None
-    format: Optional[str] = None
-    columns: Columns = field(default_factory=Columns)
-    max_source_length: int = 64
-    max_target_length: int = 128
-    source_prefix: str = ""
-    num_shards: int = 8
-    num_proc: int = 1
-    overwrite: bool = False
-    skip_bad_rows: bool = False
-
-    def validate(self) -> None:
-        if self.format is not None and self.format not in FORMATS:
-            raise UserError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
-        for name, value in (("--max-source-length", self.max_source_length), ("--max-target-length", self.max_target_length),
-                            ("--num-shards", self.num_shards), ("--num-proc", self.num_proc)):
-            if value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
-        if self.max_source_length < 4:
-            raise UserError(f"--max-source-length {self.max_source_length} leaves no room for the prompt")
 
 
 @dataclass
@@ -175,7 +150,7 @@ def preprocess(options: PreprocessOptions, progress: Optional[Progress] = None) 
 
 
 def _preprocess(options: PreprocessOptions, progress: Optional[Progress]) -> PreprocessResult:
-    options.validate()
+    validate(options)
     load_config(options.model)  # the directory must be a model this tool trains, before any work
     tokenizer = load_tokenizer(options.model)
     template = template_for(tokenizer)

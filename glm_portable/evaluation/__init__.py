@@ -1,8 +1,14 @@
-"""Evaluation: batched generation and THUDM's BLEU-4 / ROUGE."""
+"""Evaluation: batched generation and THUDM's BLEU-4 / ROUGE.
 
-from .evaluate import EvalOptions, evaluate, load_for_inference
-from .generation import evaluation_settings, generate_batched
-from .metrics import METRIC_KEYS, sample_scores, score
+Names are loaded on first use (``glm_portable.lazy``), so that reading ``evaluation.options`` (the CLI does, to
+build its flags) imports no model code.
+"""
 
-__all__ = ["EvalOptions", "METRIC_KEYS", "evaluate", "evaluation_settings", "generate_batched", "load_for_inference",
-           "sample_scores", "score"]
+from glm_portable.lazy import lazy_exports
+
+_WHERE = {"EvalOptions": "options", "evaluate": "evaluate", "load_for_inference": "evaluate",
+          "evaluation_settings": "generation", "generate_batched": "generation", "METRIC_KEYS": "metrics",
+          "sample_scores": "metrics", "score": "metrics"}
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,34 +16,20 @@ from glm_portable.data import check_compatible, load_preprocessed, template_for
 from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
-from glm_portable.modeling import GenerationSettings, load_model, load_tokenizer
+from glm_portable.modeling import load_model, load_tokenizer
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
+from glm_portable.schema import validate
 from glm_portable.training.methods import check_same_architecture, detect_method
 from glm_portable.training.run_dir import complete_checkpoints
 
-from .generation import evaluation_settings, generate_batched
+from .generation import generate_batched
 from .metrics import METRIC_KEYS, score
+from .options import EvalOptions
 
 PREDICTIONS = "generated_predictions.txt"
 RESULTS = "eval_results.json"
 THUDM_RESULTS = ("predict_results.json", "all_results.json")
-
-
-@dataclass
-class EvalOptions:
-    model: Path
-    data: Path
-    output: Path
-    checkpoint: Optional[Path] = None
-    batch_size: int = 32
-    sampling: GenerationSettings = field(default_factory=evaluation_settings)
-    dtype: Optional[str] = None
-    max_source_length: int = 64
-    max_target_length: int = 128
-    limit: Optional[int] = None
-    impl: str = "native"
-    overwrite: bool = False
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -129,15 +115,8 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     The scores at the top level are THUDM's (references cut to max_target_length tokens, as published
     tables were computed); ``full_reference`` holds the same scores against the answers as written.
     """
-    if options.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.limit is not None and options.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {options.limit}")
-    options.sampling.check()
-    if not options.data.is_dir() and options.max_source_length < 4:
-        raise UserError(f"--max-source-length {options.max_source_length} leaves no room for the prompt (at least 4)")
-    if options.max_target_length < 3:
-        raise UserError(f"--max-target-length {options.max_target_length} leaves no room for the answer (at least 3)")
+    validate(options)
+    settings = options.settings()
     check_output(Path(options.output), options.overwrite)
     tokenizer = load_tokenizer(options.model)
     rows = evaluation_rows(options, tokenizer)
@@ -147,7 +126,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     if on_start:
         on_start(len(rows.prompts))
     started = time.perf_counter()
-    predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, options.sampling, on_batch)
+    predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, settings, on_batch)
     seconds = time.perf_counter() - started
     full = score(predictions, rows.full_references).summary()
     results = {**score(predictions, rows.references).summary(),
@@ -157,6 +136,6 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
                "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
                             "data": str(options.data), "device": backend.name, "impl": options.impl,
                             "batch_size": options.batch_size, "patches": list(APPLIED.names),
-                            **asdict(options.sampling)}}
+                            **asdict(settings)}}
     write_outputs(options.output, predictions, rows.references, results)
     return results

@@ -1,35 +1,21 @@
-"""Native ChatGLM-6B and ChatGLM2/3: config, model, tokenizer, prompts, checkpoint I/O and chat helpers."""
+"""Native ChatGLM-6B and ChatGLM2/3: config, model, tokenizer, prompts, checkpoint I/O and chat helpers.
 
-from .architectures import new_model
-from .chat import GenerationSettings, chat, stream_chat
-from .config import ChatGLM1Config, ChatGLMConfig, load_config
-from .loading import load_model, load_prefix, load_tokenizer, random_model, resolve_dtype, save_model, save_prefix
-from .model import ChatGLMForConditionalGeneration
-from .model_v1 import ChatGLM1ForConditionalGeneration
-from .prompts import chat_input_ids, chatglm2_prompt, chatglm3_ids
-from .tokenizer import ChatGLMTokenizer
-from .tokenizer_v1 import ChatGLM1Tokenizer
+Names are loaded on first use (``glm_portable.lazy``), so that reading ``modeling.options`` (the CLI
+does, to build its flags) imports no torch.
+"""
 
-__all__ = [
-    "ChatGLM1Config",
-    "ChatGLM1ForConditionalGeneration",
-    "ChatGLM1Tokenizer",
-    "ChatGLMConfig",
-    "ChatGLMForConditionalGeneration",
-    "ChatGLMTokenizer",
-    "GenerationSettings",
-    "chat",
-    "chat_input_ids",
-    "chatglm2_prompt",
-    "chatglm3_ids",
-    "load_config",
-    "new_model",
-    "load_model",
-    "load_prefix",
-    "load_tokenizer",
-    "random_model",
-    "resolve_dtype",
-    "save_model",
-    "save_prefix",
-    "stream_chat",
-]
+from glm_portable.lazy import lazy_exports
+
+_WHERE = {
+    "new_model": "architectures",
+    "GenerationSettings": "chat", "chat": "chat", "stream_chat": "chat",
+    "ChatGLM1Config": "config", "ChatGLMConfig": "config", "load_config": "config",
+    "load_model": "loading", "load_prefix": "loading", "load_tokenizer": "loading", "random_model": "loading",
+    "resolve_dtype": "loading", "save_model": "loading", "save_prefix": "loading",
+    "ChatGLMForConditionalGeneration": "model", "ChatGLM1ForConditionalGeneration": "model_v1",
+    "chat_input_ids": "prompts", "chatglm2_prompt": "prompts", "chatglm3_ids": "prompts",
+    "ChatGLMTokenizer": "tokenizer", "ChatGLM1Tokenizer": "tokenizer_v1",
+}
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -5,25 +5,26 @@ from __future__ import annotations
 import io
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import sentencepiece as spm
 import torch
 
 from glm_portable.atomic import atomic_directory
 from glm_portable.errors import UserError
+from glm_portable.schema import validate
 
 from .checkpoint import write_weights
 from .architectures import new_model
 from .config import ChatGLM1Config, ChatGLMConfig
-from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, FAMILIES, TOKENIZER_FILE, ChatGLMTokenizer
+from .options import TinyModelOptions
+from .tokenizer import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, TOKENIZER_FILE, ChatGLMTokenizer
 from .tokenizer_v1 import FAMILY as V1_FAMILY
 from .tokenizer_v1 import MAX_BLANK, SPECIAL_PIECES, ChatGLM1Tokenizer, rewrite_text
 from .tokenizer_v1 import TOKENIZER_FILE as V1_TOKENIZER_FILE
 
 FFN_RATIO = 13696 / 4096  # upstream's ffn_hidden_size / hidden_size
 SEQ_LENGTH = {"chatglm2": 32768, "chatglm3": 8192}
-TINY_FAMILIES = (V1_FAMILY,) + FAMILIES
 V1_TEXT_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)]
 V1_CONTROL_PIECES = list(SPECIAL_PIECES[:3]) + ["<unused_0>"] + list(SPECIAL_PIECES[3:]) + ["<ENC>", "<dBLOCK>"]
 
@@ -65,33 +66,17 @@ def tiny_config(
     )
 
 
-def make_tiny_model(
-    out_dir: str | Path,
-    family: str = "chatglm3",
-    layers: int = 2,
-    hidden_size: int = 64,
-    heads: int = 4,
-    kv_groups: Optional[int] = None,
-    vocab_size: int = 1000,
-    seed: int = 0,
-    shards: int = 1,
-    overwrite: bool = False,
-) -> Path:
+def make_tiny_model(out_dir: str | Path, **choices: Any) -> Path:
     """Write the tokenizer, tokenizer_config.json, config.json and seeded random weights (safetensors).
 
-    ``family`` chatglm writes a ChatGLM-6B directory (``ice_text.model``); chatglm2/3 a ChatGLM2/3 one.
+    ``choices`` are ``TinyModelOptions`` fields (family, layers, hidden_size, …; their defaults there).
+    Family chatglm writes a ChatGLM-6B directory (``ice_text.model``); chatglm2/3 a ChatGLM2/3 one.
     """
-    if family not in TINY_FAMILIES:
-        raise UserError(f"--family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
-    if family == V1_FAMILY and kv_groups is not None:
-        raise UserError("--kv-groups does not apply to --family chatglm: ChatGLM-6B has full multi-head attention")
-    kv_groups = 2 if kv_groups is None else kv_groups
-    for name, value in (("--layers", layers), ("--hidden-size", hidden_size), ("--heads", heads),
-                        ("--kv-groups", kv_groups), ("--shards", shards)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if vocab_size < 300:
-        raise UserError(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 256 pieces")
+    options = TinyModelOptions(out=Path(out_dir), **choices)
+    validate(options)
+    family, layers, hidden_size, heads = options.family, options.layers, options.hidden_size, options.heads
+    vocab_size, seed, shards, overwrite = options.vocab_size, options.seed, options.shards, options.overwrite
+    kv_groups = 2 if options.kv_groups is None else options.kv_groups
     if family == V1_FAMILY:
         return _make_tiny_v1(out_dir, layers, hidden_size, heads, vocab_size, seed, shards, overwrite)
     proto = train_sentencepiece(vocab_size)
@@ -137,9 +122,6 @@ def tiny_v1_config(sp_vocab_size: int, layers: int, hidden_size: int, heads: int
 
 def _make_tiny_v1(out_dir: str | Path, layers: int, hidden_size: int, heads: int, vocab_size: int, seed: int,
                   shards: int, overwrite: bool) -> Path:
-    if vocab_size < 400:
-        raise UserError(f"--vocab-size {vocab_size} is too small for --family chatglm: its fixed pieces and "
-                        "byte fallback take 350")
     proto = train_ice_text(vocab_size)
     with atomic_directory(out_dir, overwrite) as tmp:
         (tmp / V1_TOKENIZER_FILE).write_bytes(proto)

@@ -1,4 +1,5 @@
-"""The options of ``serve`` and ``export``: each defined once, here (see ``glm_portable.schema``)."""
+"""The options of the commands that use a tuned model (``chat``, ``serve``, ``export``): each defined once, here
+(see ``glm_portable.schema``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,25 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, option
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, Dtype, option
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+
+@dataclass
+class ChatOptions:
+    model: Path = option(help="Base model directory.")
+    checkpoint: Optional[Path] = option(None, "A run directory or checkpoint: prefix, LoRA adapter or full model.")
+    query: Optional[str] = option(None, "Answer this one question, print the answer and exit.")
+    device: Optional[str] = option(None, DEVICE_HELP)
+    dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    max_new_tokens: int = option(256, "Tokens an answer gets at most.", minimum=1)
+    greedy: bool = option(False, "Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8).")
+    top_p: float = option(0.8, "Top-p when sampling.")
+    temperature: float = option(0.8, "Temperature when sampling.")
+    impl: Literal["native", "remote"] = option("native", IMPL_HELP)
+
+    def check(self) -> None:
+        if self.query is not None and not self.query.strip():
+            raise UserError("--query is empty: give the question to answer")
 
 
 @dataclass

@@ -35,21 +35,7 @@ def child_environment(options: TrainOptions, backend: Backend) -> dict[str, str]
     return {**backend.child_env(visible_devices(options, backend)), LAUNCHED_ENV: "1"}
 
 
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
-
-
-def child_argv(argv: list[str]) -> list[str]:
-    """The command for each process: the launch flags are the launcher's, not the children's (torch's
-    launcher would also misread ``--nproc`` as an abbreviation of its own ``--nproc-per-node``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in LAUNCH_FLAGS:
-            skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
-            out.append(arg)
-    return out
+LAUNCH_FIELDS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")  # the launcher's, not the children's
 
 
 def launcher_command(options: TrainOptions, argv: list[str]) -> list[str]:
@@ -58,11 +44,12 @@ def launcher_command(options: TrainOptions, argv: list[str]) -> list[str]:
             f"--master_port={options.master_port}", "-m", "glm_portable.cli", *argv]
 
 
-def launch(options: TrainOptions, backend: Backend, argv: list[str]) -> int:
-    """Run ``nproc`` copies of this command on this node; returns the launcher's exit code, or 2 when the
-    processes stopped on a user mistake (each has said why, once is shown)."""
+def launch(options: TrainOptions, backend: Backend, command: list[str]) -> int:
+    """Run ``nproc`` processes of ``command`` (a subcommand and its flags, without the launch flags: torch's
+    launcher would misread ``--nproc`` as its own ``--nproc-per-node``) on this node; returns the launcher's exit
+    code, or 2 when the processes stopped on a user mistake (each has said why, once is shown)."""
     env = {**os.environ, **child_environment(options, backend)}
-    process = subprocess.Popen(launcher_command(options, child_argv(argv)), env=env, stderr=subprocess.PIPE,
+    process = subprocess.Popen(launcher_command(options, command), env=env, stderr=subprocess.PIPE,
                                text=True, errors="replace")
     user_mistake = LauncherOutput(sys.stderr).relay(process.stderr)
     code = process.wait()

@@ -22,6 +22,8 @@ from glm_portable.modeling.checkpoint import copy_model_files, load_weights, wri
 from glm_portable.modeling.prefix import PREFIX_KEY, freeze_all_but_prefix, reset_prefix_encoder
 from glm_portable.modeling.remote import load_remote
 
+from .options import DEFAULT_LR
+
 if TYPE_CHECKING:
     from .options import TrainOptions
 
@@ -30,8 +32,7 @@ Loader = Callable[..., torch.nn.Module]  # (dtype=None, path=None, pre_seq_len=â
 
 
 class Method:
-    """One fine-tuning method. ``default_lr`` comes from the recipe users know it by (docs/thudm-compatibility.md:
-    THUDM's P-Tuning train.sh, the ChatGLM-6B LoRA repositories, THUDM's ds_train_finetune.sh).
+    """One fine-tuning method. ``default_lr`` comes from the recipe users know it by (``options.DEFAULT_LR``).
     ``distributed_optimizer``: it trains every weight, so ZeRO must shard the optimizer state.
     ``record_fields``: the workload options a benchmark record keeps for it."""
 
@@ -91,7 +92,8 @@ class Method:
 
 
 class PTuning(Method):
-    name, default_lr = "ptuning", 2e-2
+    name = "ptuning"
+    default_lr = DEFAULT_LR[name]
     record_fields = ("pre_seq_len",)
 
     def build(self, options, base, backend):
@@ -131,7 +133,8 @@ class PTuning(Method):
 
 
 class LoRA(Method):
-    name, default_lr = "lora", 1e-4
+    name = "lora"
+    default_lr = DEFAULT_LR[name]
     record_fields = ("lora_rank",)
 
     def build(self, options, base, backend):
@@ -185,7 +188,8 @@ class LoRA(Method):
 
 
 class Full(Method):
-    name, default_lr = "full", 1e-4
+    name = "full"
+    default_lr = DEFAULT_LR[name]
     distributed_optimizer = True
 
     def build(self, options, base, backend):

@@ -2,60 +2,74 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.modeling.remote import check_impl
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, Dtype, option
 
-from .methods import METHODS, get_method
+MethodName = Literal["ptuning", "lora", "full"]
+# The recipes users come from (docs/thudm-compatibility.md): THUDM's P-Tuning train.sh, the ChatGLM-6B LoRA
+# repositories' finetune scripts, THUDM's ds_train_finetune.sh. ``training.methods`` reads them from here.
+DEFAULT_LR = {"ptuning": 2e-2, "lora": 1e-4, "full": 1e-4}
+LR_HELP = "Learning rate (default by method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")."
+
+
+Deepspeed = Literal["zero2", "zero3"]
+Padding = Literal["fixed", "dynamic"]
 
 
 @dataclass
 class TrainOptions:
-    model: Path
-    data: Path
-    output: Path
-    method: str = "ptuning"
-    impl: str = "native"
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    pre_seq_len: int = 128
-    prefix_projection: bool = False
-    lora_rank: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_target: list[str] = field(default_factory=lambda: ["query_key_value"])
-    deepspeed: Optional[str] = None
-    deepspeed_config: Optional[Path] = None
-    offload: bool = False
-    lr: Optional[float] = None
-    batch_size: int = 1
-    grad_accum: int = 16
-    max_steps: int = 3000
-    warmup_steps: int = 0
-    logging_steps: int = 10
-    save_steps: int = 1000
-    save_total_limit: Optional[int] = None
-    seed: int = 42
-    padding: Optional[str] = None
-    gradient_checkpointing: bool = False
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    resume: Optional[str] = None
-    overwrite: bool = False
+    """``train``'s options, each defined once (see ``glm_portable.schema``); THUDM's train.sh defaults."""
+
+    model: Path = option(help="Base model directory.")
+    data: Path = option(help="Directory written by `glm-portable preprocess` for this model.")
+    output: Path = option(help="Run directory (checkpoints, metrics.jsonl, run.json, loss.png).")
+    method: MethodName = option("ptuning", "P-Tuning v2, LoRA, or full fine-tuning (with --deepspeed).")
+    impl: Literal["native", "remote"] = option("native", IMPL_HELP)
+    device: Optional[str] = option(None, DEVICE_HELP)
+    dtype: Optional[Dtype] = option(None, "Base model dtype (default: the backend's: bf16, fp16 or fp32 on CPU).")
+    pre_seq_len: int = option(128, "P-Tuning prefix length.", minimum=1)
+    prefix_projection: bool = option(False, "P-Tuning with the two-layer prefix projection.")
+    lora_rank: int = option(8, "LoRA rank.", minimum=1)
+    lora_alpha: int = option(32, "LoRA scaling numerator.")
+    lora_dropout: float = option(0.1, "LoRA dropout, in [0, 1).", minimum=0)
+    lora_target: list[str] = option(["query_key_value"], "Module names LoRA adapts.")
+    deepspeed: Optional[Deepspeed] = option(None, "DeepSpeed ZeRO stage for --method full.")
+    deepspeed_config: Optional[Path] = option(None, "A DeepSpeed JSON merged over the generated config.")
+    offload: bool = option(False, "ZeRO optimizer state offloaded to CPU memory.")
+    lr: Optional[float] = option(None, LR_HELP)
+    batch_size: int = option(1, "Per-process batch size.", minimum=1)
+    grad_accum: int = option(16, "Gradient accumulation steps.", minimum=1)
+    max_steps: int = option(3000, "Optimizer steps; a larger value extends a finished run.", minimum=1)
+    warmup_steps: int = option(0, "Linear warmup steps.", minimum=0)
+    logging_steps: int = option(10, "Steps between loss records.", minimum=1)
+    save_steps: int = option(1000, "Steps between checkpoints.", minimum=1)
+    save_total_limit: Optional[int] = option(None, "Keep only the newest K checkpoints.", minimum=1)
+    seed: int = option(42, "Seed of the prefix / adapter initialisation, the data order and dropout.")
+    padding: Optional[Padding] = option(None, "Static shapes (the NPU's default) or each batch's longest row (the "
+                                        "others' default).")
+    gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
+    nproc: int = option(1, "Processes (cards) on this node.", minimum=1)
+    nnodes: int = option(1, "Nodes.", minimum=1)
+    node_rank: int = option(0, "This node's index.", minimum=0)
+    master_addr: str = option("127.0.0.1", "Address of node 0.")
+    master_port: int = option(29500, "Port of node 0's rendezvous.", minimum=1, maximum=65535)
+    resume: Optional[str] = option(None, "auto (newest complete checkpoint of --output) or a checkpoint directory.")
+    overwrite: bool = option(False, "Replace an existing run in --output.")
+    dry_run: bool = option(False, "Print the plan (processes, devices, environment, precision, data) and exit.")
 
     def __post_init__(self) -> None:
-        if self.lr is None and self.method in METHODS:
-            self.lr = METHODS[self.method].default_lr
+        if self.lr is None and self.method in DEFAULT_LR:
+            self.lr = DEFAULT_LR[self.method]
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """What one field's bounds cannot say (run by ``glm_portable.schema.validate``)."""
+        from .methods import get_method
+
         method = get_method(self.method)
-        check_impl(self.impl)
         if method.distributed_optimizer and self.deepspeed is None:
             raise UserError(f"--method {self.method} needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state "
                             "sharded)")
@@ -63,26 +77,16 @@ class TrainOptions:
             raise UserError(f"--deepspeed is for --method full; {self.method} trains too few parameters to need it")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             raise UserError(f"--deepspeed-config {self.deepspeed_config}: no such file")
-        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--max-steps": self.max_steps,
-                    "--logging-steps": self.logging_steps, "--save-steps": self.save_steps, "--nproc": self.nproc,
-                    "--nnodes": self.nnodes, "--pre-seq-len": self.pre_seq_len, "--lora-rank": self.lora_rank}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
         if not self.lr > 0 or self.lr == float("inf"):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
-        if not 0 <= self.lora_dropout < 1:
+        if not self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target:
+            raise UserError("--lora-target names no module")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             raise UserError(f"--output {self.output}: exists and is a file, not a run directory")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise UserError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
-        if not 0 <= self.node_rank < self.nnodes:
+        if not self.node_rank < self.nnodes:
             raise UserError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
-        if self.padding not in (None, "fixed", "dynamic"):
-            raise UserError(f"--padding {self.padding!r}: expected fixed or dynamic")
         if self.resume not in (None, "auto") and not (Path(self.resume).is_dir()
                                                      and Path(self.resume).name.startswith("checkpoint-")):
             raise UserError(f"--resume {self.resume}: not a checkpoint-<step> directory (or use --resume auto)")

@@ -11,7 +11,9 @@ import pytest
 from glm_portable.bench.compare import compare
 from glm_portable.bench.flops import matmul_parameters, training_flops_per_token
 from glm_portable.bench.record import read_record
-from glm_portable.bench.workload import Workload, synthetic_rows
+from glm_portable.bench.options import Workload
+from glm_portable.schema import validate
+from glm_portable.bench.workload import synthetic_rows
 from glm_portable.errors import UserError
 from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig
 from glm_portable.training.methods import METHODS
@@ -146,9 +148,11 @@ def test_synthetic_rows_are_seeded_and_learnable():
 
 def test_workload_validation_names_the_flag():
     with pytest.raises(UserError, match="--steps must be at least 1"):
-        Workload(shape="tiny", steps=0).validate()
+        validate(Workload(shape="tiny", steps=0))
     with pytest.raises(UserError, match="--shape nowhere"):
-        Workload(shape="nowhere").validate()
+        validate(Workload(shape="nowhere"))
+    with pytest.raises(UserError, match="--method 'sft': expected one of ptuning, lora, full"):
+        validate(Workload(shape="tiny", method="sft"))
 
 
 def test_a_model_directory_is_benched_with_its_own_weights(tiny_dir, tmp_path):

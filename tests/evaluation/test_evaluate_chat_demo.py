@@ -38,10 +38,9 @@ def test_evaluating_a_ptuning_checkpoint_equals_the_trained_model_in_memory(tiny
     options = TrainOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "run", pre_seq_len=8, lr=0.3,
                            batch_size=4, grad_accum=1, max_steps=10, logging_steps=5, save_steps=10)
     trained = run_training(options, get_backend("cpu"), "test").model
-    settings = evaluation_settings(max_new_tokens=16)
-    in_memory = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "a", sampling=settings),
+    in_memory = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "a", max_new_tokens=16),
                          get_backend("cpu"), model=trained)
-    from_disk = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "b", sampling=settings,
+    from_disk = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "b", max_new_tokens=16,
                                      checkpoint=tmp_path / "run"), get_backend("cpu"))
     a = (tmp_path / "a" / "generated_predictions.txt").read_text()
     assert a == (tmp_path / "b" / "generated_predictions.txt").read_text()
@@ -63,7 +62,7 @@ def test_scores_use_thudm_cut_references_and_report_full_ones_beside(tiny_dir, d
     raw = tmp_path / "long.jsonl"
     raw.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     results = evaluate(EvalOptions(model=tiny_dir, data=raw, output=tmp_path / "e", max_target_length=16,
-                                   sampling=evaluation_settings(max_new_tokens=4)), get_backend("cpu"))
+                                   max_new_tokens=4), get_backend("cpu"))
     lines = [json.loads(line) for line in (tmp_path / "e" / "generated_predictions.txt").read_text().splitlines()]
     tok = load_tokenizer(tiny_dir)
     assert [line["labels"] for line in lines] == [tok.sp.decode(tok.sp.encode(r["summary"])[:14]) for r in rows]
@@ -76,7 +75,7 @@ def test_scores_use_thudm_cut_references_and_report_full_ones_beside(tiny_dir, d
 
 def test_evaluate_reads_raw_files_too(tiny_dir, data_dir, tmp_path):
     results = evaluate(EvalOptions(model=tiny_dir, data=data_dir / "dev.json", output=tmp_path / "raw",
-                                   sampling=evaluation_settings(max_new_tokens=4), limit=3), select_backend("cpu").backend)
+                                   max_new_tokens=4, limit=3), select_backend("cpu").backend)
     assert results["samples"] == 3
 
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from glm_portable.backends import get_backend
 from glm_portable.data import PreprocessOptions, preprocess
-from glm_portable.data.formats import Columns
 from glm_portable.data.preprocessing import load_preprocessed
 from glm_portable.errors import UserError
 from glm_portable.evaluation import load_for_inference
@@ -160,7 +159,7 @@ def v1_data(v1_dir, tmp_path_factory):
             for c in ["红色", "白色", "黑色", "蓝色"]] * 4
     (root / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     preprocess(PreprocessOptions(model=v1_dir, train_file=root / "train.jsonl", eval_file=root / "train.jsonl",
-                                 out=root / "data", columns=Columns(history="history"), max_source_length=24,
+                                 out=root / "data", history_column="history", max_source_length=24,
                                  max_target_length=16, num_shards=1))
     return root / "data"
 

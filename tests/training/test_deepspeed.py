@@ -124,12 +124,13 @@ def test_a_user_deepspeed_json_is_merged(runs, tiny_dir, tmp_path):
 
 def test_full_needs_deepspeed_and_deepspeed_needs_full(tmp_path):
     from glm_portable.errors import UserError
+    from glm_portable.schema import validate
     from glm_portable.training.options import TrainOptions
 
     with pytest.raises(UserError, match="--method full needs --deepspeed"):
-        TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="full").validate()
+        validate(TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="full"))
     with pytest.raises(UserError, match="--deepspeed is for --method full"):
-        TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="lora", deepspeed="zero2").validate()
+        validate(TrainOptions(model=tmp_path, data=tmp_path, output=tmp_path, method="lora", deepspeed="zero2"))
     with pytest.raises(UserError, match="expected one of zero2, zero3"):
         from glm_portable.training.deepspeed_config import build_deepspeed_config
 

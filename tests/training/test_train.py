@@ -208,7 +208,7 @@ def test_non_finite_training_stops_and_keeps_only_good_checkpoints(tiny_dir, dat
 def test_the_named_last_good_checkpoint_evaluates(tiny_dir, data_dir, tmp_path):
     """LoRA at lr 1e20: the first update is finite, the next step is not; the checkpoint named is complete,
     finite and evaluates."""
-    from glm_portable.evaluation import EvalOptions, evaluate, evaluation_settings
+    from glm_portable.evaluation import EvalOptions, evaluate
 
     options = _options(tiny_dir, data_dir, tmp_path / "run", method="lora", lr=1e20, max_steps=12, save_steps=1)
     with pytest.raises(TrainingStopped) as info:
@@ -219,7 +219,7 @@ def test_the_named_last_good_checkpoint_evaluates(tiny_dir, data_dir, tmp_path):
     dev.write_text("\n".join(json.dumps({"content": f"类型#裙*颜色#{c}", "summary": "好"}, ensure_ascii=False)
                              for c in COLORS[:2]))
     results = evaluate(EvalOptions(model=tiny_dir, data=dev, output=tmp_path / "eval", checkpoint=named,
-                                   sampling=evaluation_settings(max_new_tokens=4)), get_backend("cpu"))
+                                   max_new_tokens=4), get_backend("cpu"))
     assert results["samples"] == 2
 
 
