@@ -6,7 +6,7 @@ build its flags) imports no model code.
 
 from glm_portable.lazy import lazy_exports
 
-_WHERE = {"EvalOptions": "options", "evaluate": "evaluate", "load_for_inference": "evaluate",
+_WHERE = {"EvalOptions": "options", "evaluate": "pipeline", "load_for_inference": "pipeline",
           "evaluation_settings": "generation", "generate_batched": "generation", "METRIC_KEYS": "metrics",
           "sample_scores": "metrics", "score": "metrics"}
 __all__ = sorted(_WHERE)

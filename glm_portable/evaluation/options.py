@@ -27,9 +27,9 @@ class EvalOptions:
     top_p: float = option(0.7, "Top-p when sampling.")
     temperature: float = option(0.95, "Temperature when sampling.")
     seed: int = option(42, "Seed of the sampling.")
-    max_source_length: int = option(64, "Prompt length for raw files.", minimum=1)
+    max_source_length: int = option(64, "Prompt length for raw files.")
     max_target_length: int = option(128, "Answer tokens the references are cut to, for raw files (THUDM's scoring; "
-                                    "preprocessed data carries its own).", minimum=1)
+                                    "preprocessed data carries its own).")
     limit: Optional[int] = option(None, "Evaluate the first N rows only.", minimum=1)
     impl: Literal["native", "remote"] = option("native", IMPL_HELP)
     overwrite: bool = option(False, "Replace an earlier evaluation in --output.")

@@ -8,7 +8,7 @@ from glm_portable.lazy import lazy_exports
 
 _WHERE = {
     "new_model": "architectures",
-    "GenerationSettings": "chat", "chat": "chat", "stream_chat": "chat",
+    "GenerationSettings": "dialogue", "chat": "dialogue", "stream_chat": "dialogue",
     "ChatGLM1Config": "config", "ChatGLMConfig": "config", "load_config": "config",
     "load_model": "loading", "load_prefix": "loading", "load_tokenizer": "loading", "random_model": "loading",
     "resolve_dtype": "loading", "save_model": "loading", "save_prefix": "loading",

@@ -15,7 +15,7 @@ import torch
 
 from glm_portable.backends import get_backend
 from glm_portable.evaluation import load_for_inference
-from glm_portable.evaluation.evaluate import resolve_checkpoint
+from glm_portable.evaluation.pipeline import resolve_checkpoint
 from glm_portable.jsonfile import read_json_object
 from glm_portable.modeling import load_tokenizer, save_model
 from glm_portable.modeling.loading import resolve_dtype

@@ -131,10 +131,10 @@ def test_demo_end_to_end_beats_the_untrained_model(tmp_path):
 
 
 def test_demo_never_replaces_a_directory_it_did_not_make(tmp_path):
-    from glm_portable.demo import run_demo
+    from glm_portable.demo import DemoOptions, run_demo
     from glm_portable.errors import UserError
 
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="was not made by `glm-portable demo`"):
-        run_demo(tmp_path, "lora", select_backend("cpu"))
+        run_demo(DemoOptions(output=tmp_path, method="lora"), select_backend("cpu"))
     assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -155,7 +155,7 @@ def test_a_failed_start_or_an_early_kill_blocks_nothing_and_repeats_no_metric(ti
 
 @pytest.mark.parametrize("args,words", [
     (["--warmup-steps", "-5"], ["--warmup-steps must be at least 0"]),
-    (["--lr", "nan"], ["--lr must be a positive number"]),
+    (["--lr", "nan"], ["--lr must be a number, got nan"]),
     (["--lora-dropout", "1.5", "--method", "lora"], ["--lora-dropout must be in [0, 1)"]),
     (["--resume", "."], ["not a checkpoint-<step> directory"]),
 ])
