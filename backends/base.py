@@ -47,6 +47,11 @@ class Backend:
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     is_accelerator: bool = True
     static_shapes: bool = False
+    env_vars: tuple[str, ...] = ()  # the variables that change what this backend does, for `env`
+
+    def toolkit_versions(self) -> dict[str, str | None]:
+        """The vendor toolkit's version(s) beside the Python libraries, for records and `env` (none by default)."""
+        return {}
 
     def availability(self) -> Availability:
         raise NotImplementedError

@@ -32,6 +32,7 @@ class CudaBackend(Backend):
         "on a machine with an NVIDIA driver, then `source env/cuda.sh`"
     )
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: CUDA_PEAK_TFLOPS)
+    env_vars: tuple[str, ...] = ("CUDA_VISIBLE_DEVICES",)
 
     def availability(self) -> Availability:
         if not torch.backends.cuda.is_built():

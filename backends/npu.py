@@ -5,8 +5,10 @@ torch_npu is never imported unless this backend is asked about, so the CUDA path
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Mapping, Optional
@@ -15,6 +17,9 @@ import torch
 
 from .base import Availability, Backend
 from .kernels import Kernels, reference_rms_norm, sdpa_attention
+
+CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit",
+              "/opt/Ascend/ascend-toolkit/latest")
 
 JIT_COMPILE_ENV = "GLM_PORTABLE_NPU_JIT_COMPILE"
 
@@ -58,6 +63,21 @@ class NpuBackend(Backend):
     )
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: NPU_PEAK_TFLOPS)
     static_shapes: bool = True  # graph mode compiles per input shape
+    env_vars: tuple[str, ...] = ("ASCEND_RT_VISIBLE_DEVICES", "ASCEND_TOOLKIT_HOME", "TORCH_DEVICE_BACKEND_AUTOLOAD",
+                                 "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "TASK_QUEUE_ENABLE",
+                                 "GLM_PORTABLE_NPU_JIT_COMPILE")
+
+    def toolkit_versions(self) -> dict[str, str | None]:
+        """CANN's version from its install info file, when a toolkit is found (whether or not torch_npu loads)."""
+        homes = [os.environ["ASCEND_TOOLKIT_HOME"]] if os.environ.get("ASCEND_TOOLKIT_HOME") else []
+        for home in homes + list(CANN_HOMES):
+            for info in glob.glob(os.path.join(home, "*", "ascend_toolkit_install.info")) + glob.glob(
+                    os.path.join(home, "ascend_toolkit_install.info")):
+                with open(info, encoding="utf-8", errors="replace") as f:
+                    match = re.search(r"^version=(.+)$", f.read(), re.MULTILINE)
+                if match:
+                    return {"cann": match.group(1).strip()}
+        return {"cann": None}
 
     def torch_npu(self) -> Optional[ModuleType]:
         module, _ = _import_torch_npu()

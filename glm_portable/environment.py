@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import platform
-import re
-from importlib import metadata
 from typing import Any
 
 from glm_portable.backends import DEVICE_ENV, all_backends, select_backend
+from glm_portable.versions import library_versions
 
-LIBRARIES = ("torch", "torch_npu", "transformers", "datasets", "deepspeed", "peft", "accelerate", "safetensors")
-CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit", "/opt/Ascend/ascend-toolkit/latest")
-ENV_VARS = (
-    DEVICE_ENV,
-    "CUDA_VISIBLE_DEVICES",
-    "ASCEND_RT_VISIBLE_DEVICES",
-    "ASCEND_TOOLKIT_HOME",
-    "DS_ACCELERATOR",
-    "TORCH_DEVICE_BACKEND_AUTOLOAD",
-    "HCCL_CONNECT_TIMEOUT",
-    "HCCL_EXEC_TIMEOUT",
-    "TASK_QUEUE_ENABLE",
-    "GLM_PORTABLE_NPU_JIT_COMPILE",
-    "GLM_PORTABLE_PEAK_TFLOPS",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+COMMON_ENV_VARS = (DEVICE_ENV, "DS_ACCELERATOR", "GLM_PORTABLE_PEAK_TFLOPS", "MASTER_ADDR", "MASTER_PORT")
 
 
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def cann_version() -> str | None:
-    """CANN's toolkit version from its install info file, when a toolkit is found."""
-    homes = [os.environ["ASCEND_TOOLKIT_HOME"]] if os.environ.get("ASCEND_TOOLKIT_HOME") else []
-    for home in homes + list(CANN_HOMES):
-        for info in glob.glob(os.path.join(home, "*", "ascend_toolkit_install.info")) + glob.glob(
-            os.path.join(home, "ascend_toolkit_install.info")
-        ):
-            with open(info, encoding="utf-8", errors="replace") as f:
-                match = re.search(r"^version=(.+)$", f.read(), re.MULTILINE)
-            if match:
-                return match.group(1).strip()
-    return None
+def toolkit_versions() -> dict[str, str | None]:
+    """Every backend's vendor toolkit versions (CANN for the NPU), as records and reports show them."""
+    return {name: version for backend in all_backends().values() for name, version in backend.toolkit_versions().items()}
 
 
 def cpu_threads() -> dict[str, Any]:
@@ -98,7 +61,15 @@ def environment_report(requested: str | None = None) -> dict[str, Any]:
         "backends": backends,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {**library_versions(), "cann": cann_version()},
-        "environment": {key: os.environ.get(key) for key in ENV_VARS if os.environ.get(key) is not None},
+        "versions": {**library_versions(), **toolkit_versions()},
+        "environment": {key: os.environ[key] for key in _env_vars() if os.environ.get(key) is not None},
         "cpu": cpu_threads(),
     }
+
+
+def _env_vars() -> tuple[str, ...]:
+    """The variables that change what a run does: ours and every backend's own."""
+    names = list(COMMON_ENV_VARS)
+    for backend in all_backends().values():
+        names += [name for name in backend.env_vars if name not in names]
+    return tuple(names)

@@ -27,7 +27,7 @@ class Context:
 
     @classmethod
     def current(cls, backend: str, kernels: Any = None) -> "Context":
-        from glm_portable.environment import library_versions
+        from glm_portable.versions import library_versions
 
         return cls(backend, library_versions(), kernels)
 

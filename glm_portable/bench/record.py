@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from glm_portable import __version__
-from glm_portable.environment import cann_version, library_versions
+from glm_portable.environment import toolkit_versions
+from glm_portable.versions import library_versions
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import read_json_object
 
@@ -45,7 +46,7 @@ def build_record(name: str | None, workload: Workload, measured: dict[str, Any],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "workload": workload.as_record(),
         **measured,
-        "versions": {"python": platform.python_version(), **library_versions(), "cann": cann_version()},
+        "versions": {"python": platform.python_version(), **library_versions(), **toolkit_versions()},
         "code": code_version(),
         "patches": patches,
     }

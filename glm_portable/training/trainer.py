@@ -25,7 +25,7 @@ from glm_portable import __version__
 from glm_portable.atomic import write_text_atomic
 from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
-from glm_portable.environment import library_versions
+from glm_portable.versions import library_versions
 from glm_portable.errors import GlmPortableError, NothingToDo, TrainingStopped, UserError
 from glm_portable.jsonfile import strict_json, write_json_object
 from glm_portable.locking import exclusive
