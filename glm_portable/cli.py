@@ -394,7 +394,8 @@ def config_defaults(argv: list[str]) -> dict[str, dict]:
     commands = typer.main.get_command(app).commands
     if command not in commands:
         return {}
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # A YAML list is a list option's comma-separated text (lora-target: [query_key_value, dense]).
+    values = {str(k).replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
     known = {p.name for p in commands[command].params}
     unknown = sorted(set(values) - known)
     if unknown:

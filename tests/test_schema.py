@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from glm_portable.errors import UserError
-from glm_portable.schema import option, typer_command, validate
+from glm_portable.schema import option, to_argv, typer_command, validate
 
 
 @dataclass
@@ -63,3 +63,29 @@ def test_a_missing_required_option_is_click_s_usage_error():
 def test_validate_serves_library_callers_too():
     with pytest.raises(UserError, match="--batch must be at least 1"):
         validate(Example(model=Path("m"), batch=0))
+
+
+@dataclass
+class Launched:
+    out: Path = option(help="Where.", positional=True)
+    names: list[str] = option(["a"], "Names.")
+    steps: int = option(3, "Steps.", minimum=1)
+    loud: bool = option(True, "Say more.")
+    note: Optional[str] = option(None, "A note.")
+    rank: int = option(0, internal=True)
+
+
+def test_to_argv_rebuilds_the_options_a_launched_process_needs():
+    """Children get the options themselves: parsing to_argv's flags gives back equal options (internal fields
+    and left-out ones excepted), and list fields travel as comma-separated text."""
+    original = Launched(out=Path("o"), names=["x", "y"], steps=5, loud=False, note="n", rank=3)
+    argv = to_argv(original, leave_out=("note",))
+    assert argv == ["o", "--names", "x,y", "--steps", "5", "--no-loud"]
+    seen = []
+    app = typer.Typer()
+    app.command("go")(typer_command(Launched, seen.append, "Do it."))
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["go", *argv])
+    assert result.exit_code == 0, result.output
+    assert seen == [Launched(out=Path("o"), names=["x", "y"], steps=5, loud=False)]
+    assert "--rank" not in CliRunner().invoke(app, ["go", "--help"]).output

@@ -264,6 +264,10 @@ def test_options_from_yaml_with_config_or_right_after_the_command(tiny_dir, data
         plan = json.loads(out.stdout)
         assert plan["training"]["method"] == "lora" and plan["training"]["max_steps"] == 7
         assert plan["training"]["global_batch"] == 2, "--grad-accum on the command line wins over the file"
+    from glm_portable.cli import config_defaults
+
+    config.write_text("lora-target: [query_key_value, dense]\n")
+    assert config_defaults(["train", "--config", str(config)]) == {"train": {"lora_target": "query_key_value,dense"}}
     config.write_text("max-stepz: 7\n")
     bad = _cli("--config", config, "--dry-run")
     assert bad.returncode == 2 and "unknown options for train: max_stepz" in bad.stderr
