@@ -163,7 +163,7 @@ def to_argv(options: Any, leave_out: tuple[str, ...] = ()) -> list[str]:
 
 
 def _convert(annotation: Any, value: Any) -> Any:
-    """Path fields given as strings (YAML) become Paths, comma-separated text a list of names (a YAML list
+    """Path fields given as strings (YAML) become Paths, comma-separated text a list of names (a list
     stays one); everything else is as click parsed it."""
     inner, _ = _unwrap_optional(annotation)
     if inner is Path and isinstance(value, str):
