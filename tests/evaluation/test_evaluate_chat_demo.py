@@ -95,9 +95,12 @@ def test_ctrl_c_stops_the_answer_and_chat_goes_on(tiny_dir):
     import threading
     import time
 
+    # A terminal's Ctrl-C: the chat gets SIGINT's default action even when the tests were started as a background
+    # job, whose children inherit an ignored SIGINT.
     process = subprocess.Popen([sys.executable, "-m", "glm_portable.cli", "chat", "--model", str(tiny_dir), "--greedy",
                                 "--max-new-tokens", "8000", "--device", "cpu"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = bytearray()
     threading.Thread(target=lambda: [out.extend(c) for c in iter(lambda: os.read(process.stdout.fileno(), 4096), b"")],
                      daemon=True).start()
