@@ -290,7 +290,32 @@ def causal_lm_loss(
     return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class CausalLMForward:
+    """The causal-LM forward both generations share: their ``transformer``, then their output head
+    (``get_output_embeddings``), the loss and the cache."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
+        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.get_output_embeddings()(hidden)
+        loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
+        return CausalLMOutputWithPast(loss, logits, cache)  # positional: the cache field is renamed in 5.24
+
+
+class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, GenerationMixin):
     """The causal LM: ``transformer`` (ChatGLMModel) plus loss, logits slicing and generation hooks."""
 
     def __init__(self, config: ChatGLMConfig) -> None:
@@ -317,26 +342,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def reset_buffers(self) -> None:
         """The rotary table's default values, for weights that do not carry them."""
         self.transformer.rotary_pos_emb.reset_inv_freq()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep: int = 0,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
-        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.transformer.output_layer(hidden)
-        loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
-        return CausalLMOutputWithPast(loss, logits, cache)  # positional: the cache field is renamed in 5.24
 
     def prepare_inputs_for_generation(
         self,

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
 
 from .config import ChatGLM1Config
-from .model import ChatGLMPreTrainedModel, causal_lm_loss
+from .model import CausalLMForward, ChatGLMPreTrainedModel
 from .positions_v1 import v1_attention_mask, v1_position_ids
 from .prefix import PrefixEncoder, prefix_key_values
 from .rotary import rotary_inv_freq
@@ -190,7 +189,7 @@ class ChatGLM1Model(nn.Module):
                                (config.gmask_token_id, config.mask_token_id))
 
 
-class ChatGLM1ForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLM1ForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, GenerationMixin):
     """The causal LM: ``transformer`` (ChatGLM1Model) plus the top-level ``lm_head``."""
 
     config_class = ChatGLM1Config
@@ -233,26 +232,6 @@ class ChatGLM1ForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def reset_buffers(self) -> None:
         """The rotary tables' default values, for weights that do not carry them."""
         self.transformer.reset_inv_freq()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep: int = 0,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
-        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
-        return CausalLMOutputWithPast(loss, logits, cache)
 
     def prepare_inputs_for_generation(
         self,
