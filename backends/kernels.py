@@ -14,17 +14,21 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .quantized import QuantizedMatmulFn, reference_quantized_matmul, weight_only_quantized_matmul
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool, float], torch.Tensor]
 RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The kernel choices a backend makes; the model calls these and nothing device-specific."""
+    """The kernel choices a backend makes; the model calls these and nothing device-specific.
+    ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``)."""
 
     name: str
     attention: AttentionFn
     rms_norm: RMSNormFn
+    quantized_matmul: QuantizedMatmulFn = weight_only_quantized_matmul
 
 
 def expand_kv_groups(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -68,4 +72,5 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 PORTABLE_KERNELS = Kernels(name="portable (sdpa)", attention=sdpa_attention, rms_norm=reference_rms_norm)
-REFERENCE_KERNELS = Kernels(name="reference (eager)", attention=eager_attention, rms_norm=reference_rms_norm)
+REFERENCE_KERNELS = Kernels(name="reference (eager)", attention=eager_attention, rms_norm=reference_rms_norm,
+                            quantized_matmul=reference_quantized_matmul)

@@ -17,6 +17,7 @@ import torch
 
 from .base import Availability, Backend
 from .kernels import Kernels, reference_rms_norm, sdpa_attention
+from .quantized import npu_weight_quant_matmul, reference_quantized_matmul
 
 CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit",
               "/opt/Ascend/ascend-toolkit/latest")
@@ -116,7 +117,8 @@ class NpuBackend(Backend):
         return env
 
     def kernels(self, dtype: torch.dtype | None = None) -> Kernels:
-        """Fused attention where the hardware has it (A2, half dtypes), npu_rms_norm everywhere."""
+        """Fused attention and the weight-only quantized matmul where the hardware has them (A2, half dtypes),
+        npu_rms_norm everywhere."""
         module = self.torch_npu()
         if module is None:
             return super().kernels(dtype)
@@ -125,6 +127,7 @@ class NpuBackend(Backend):
             name="npu (fusion attention, rms_norm)" if fused else "npu (rms_norm)",
             attention=_npu_fusion_attention(module) if fused else sdpa_attention,
             rms_norm=_npu_rms_norm(module),
+            quantized_matmul=npu_weight_quant_matmul(module) if fused else reference_quantized_matmul,
         )
 
 

@@ -97,7 +97,8 @@ def open_chat(options: "ChatOptions") -> ChatSession:
     settings.check()
     selection = select_backend(options.device)
     start_process(selection.backend)
-    loaded = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl)
+    loaded = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl,
+                                options.quantization_bit)
     if options.impl == "remote":
         tokenizer = load_remote_tokenizer(options.model, selection.backend)
 

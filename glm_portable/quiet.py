@@ -16,8 +16,12 @@ QUIET_LOGS: dict[str, tuple[str, ...]] = {
     # Model directories' own code builds outputs with the cache field's pre-5.24 name.
     "transformers.utils.generic": ("`past_key_values`/`cache_params` are deprecated",),
 }
-# peft asks the model for the old name of a property on every LoRA build.
-QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # peft asks the model for the old name of a property on every LoRA build.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # peft wraps a quantized base's layers as registered (training.methods), reading their in/out features.
+    (r"Unsupported layer type .*QuantizedLinear", UserWarning),
+)
 
 
 class _DropMessages(logging.Filter):
@@ -35,5 +39,5 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefixes))
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -23,6 +23,9 @@ T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16", "float16"]
 _REQUIRED = dataclasses.MISSING
 DEVICE_HELP = "auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
+QuantizationBit = Literal[4, 8]
+QUANTIZATION_HELP = ("Quantize the frozen base's block linear layers to 4 or 8 bits at load (THUDM's weight-only "
+                     "scheme; docs/quantization.md). Default: unquantized, or a pre-quantized model's own bits.")
 IMPL_HELP = ("native (glm-portable's model) or remote (the model directory's own modeling_chatglm.py, patched for "
              "this transformers and device).")
 
@@ -105,7 +108,8 @@ def _parameter(spec: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     allowed = choices_of(annotation)
     extra: dict[str, Any] = {}
     if allowed is not None:
-        annotation = Optional[str] if _unwrap_optional(annotation)[1] else str
+        kind = int if all(isinstance(choice, int) for choice in allowed) else str
+        annotation = Optional[kind] if _unwrap_optional(annotation)[1] else kind
         help_text = f"{help_text} ({'|'.join(map(str, allowed))})"
     if _is_text_list(annotation):
         annotation = str

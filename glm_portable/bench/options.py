@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, Dtype, option
+from glm_portable.schema import DEVICE_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
 from glm_portable.training.options import DEFAULT_LR, LR_HELP, MethodName
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class Workload:
     target_length: int = option(128, "Answer tokens per sample (THUDM: 128).", minimum=1)
     pre_seq_len: int = option(128, "P-Tuning prefix length.", minimum=1)
     lora_rank: int = option(8, "LoRA rank.", minimum=1)
+    quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     lr: Optional[float] = option(None, LR_HELP)
     steps: int = option(20, "Measured optimizer steps.", minimum=1)
     warmup: int = option(3, "Steps run first and not timed (their losses are kept).", minimum=0)

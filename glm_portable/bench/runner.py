@@ -75,6 +75,7 @@ def train_options(workload: Workload, device: Optional[str], dtype: Optional[str
     return TrainOptions(
         model=Path(workload.shape), data=Path("."), output=output, method=workload.method, device=device, dtype=dtype,
         pre_seq_len=workload.pre_seq_len, lora_rank=workload.lora_rank, lora_dropout=0.0,
+        quantization_bit=workload.quantization_bit,
         deepspeed="zero2" if get_method(workload.method).distributed_optimizer else None, lr=workload.learning_rate,
         batch_size=workload.batch_size, grad_accum=workload.grad_accum, max_steps=workload.total_steps,
         logging_steps=1, save_steps=workload.total_steps + 1, seed=workload.seed, padding="fixed",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, Dtype, option
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
 
 if TYPE_CHECKING:
     from glm_portable.modeling import GenerationSettings
@@ -21,6 +21,7 @@ class EvalOptions:
     checkpoint: Optional[Path] = option(None, "A run directory or checkpoint: prefix, LoRA adapter or full model.")
     device: Optional[str] = option(None, DEVICE_HELP)
     dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     batch_size: int = option(32, "Prompts generated together (left-padded, KV cache).", minimum=1)
     max_new_tokens: int = option(128, "Tokens generated per answer at most.", minimum=1)
     sample: bool = option(False, "Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy.")

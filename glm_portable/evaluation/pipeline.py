@@ -17,6 +17,7 @@ from glm_portable.data.preprocessing import encode_eval_file
 from glm_portable.errors import UserError
 from glm_portable.jsonfile import write_json_object
 from glm_portable.modeling import load_model, load_tokenizer
+from glm_portable.modeling.quantization import quantization_bits
 from glm_portable.modeling.remote import load_remote
 from glm_portable.patches import APPLIED
 from glm_portable.schema import validate
@@ -55,15 +56,18 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_for_inference(model_dir: Path, checkpoint: Optional[Path], backend: Backend,
-                       dtype: Optional[str | torch.dtype], impl: str = "native") -> torch.nn.Module:
+                       dtype: Optional[str | torch.dtype], impl: str = "native",
+                       quantization_bit: Optional[int] = None) -> torch.nn.Module:
     """The base model plus what the checkpoint trained: a LoRA adapter, a P-Tuning prefix, or full weights
     (``detect_method``). ``impl`` "remote" runs the directory's own model code (patched) instead of the native one.
+    With ``quantization_bit`` the base's block layers are quantized (a prefix or adapter trained on a 16-bit
+    base loads onto a quantized one, and the reverse).
     """
     def base(path: Path = model_dir, **prefix) -> torch.nn.Module:
         """The base in the inference dtype, from ``model_dir`` or (a full checkpoint) another directory."""
         if impl == "remote":
-            return load_remote(path, backend, dtype, **prefix).model
-        return load_model(path, dtype=dtype, device=backend, **prefix)
+            return load_remote(path, backend, dtype, quantization_bit=quantization_bit, **prefix).model
+        return load_model(path, dtype=dtype, device=backend, quantization_bit=quantization_bit, **prefix)
 
     if checkpoint is None:
         return base()
@@ -121,7 +125,8 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     tokenizer = load_tokenizer(options.model)
     rows = evaluation_rows(options, tokenizer)
     if model is None:
-        model = load_for_inference(options.model, options.checkpoint, backend, options.dtype, options.impl)
+        model = load_for_inference(options.model, options.checkpoint, backend, options.dtype, options.impl,
+                                   options.quantization_bit)
     model.eval()
     if on_start:
         on_start(len(rows.prompts))
@@ -135,6 +140,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
                "generation_seconds": round(seconds, 3), "samples_per_second": round(len(rows.prompts) / seconds, 3),
                "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
                             "data": str(options.data), "device": backend.name, "impl": options.impl,
+                            "quantization_bit": options.quantization_bit or quantization_bits(model),
                             "batch_size": options.batch_size, "patches": list(APPLIED.names),
                             **asdict(settings)}}
     write_outputs(options.output, predictions, rows.references, results)

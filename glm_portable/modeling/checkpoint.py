@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,13 +64,18 @@ def iter_state_dict(model_dir: str | Path) -> Iterator[tuple[Path, dict[str, tor
         yield path, read_shard(path)
 
 
+Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 def load_weights(
-    module: torch.nn.Module, model_dir: str | Path, optional_prefixes: tuple[str, ...] = ()
+    module: torch.nn.Module, model_dir: str | Path, optional_prefixes: tuple[str, ...] = (),
+    transform: Optional[Transform] = None,
 ) -> list[str]:
     """Copy every tensor of the directory into ``module`` by key name (casting to the parameter dtype).
 
     Raises a UserError naming missing and unexpected keys; keys under ``optional_prefixes`` may be
-    missing and are returned so the caller can initialise them.
+    missing and are returned so the caller can initialise them. ``transform`` turns one checkpoint
+    tensor into the tensors to store (quantizing a weight into weight and scale) as it is read.
     """
     targets = dict(module.named_parameters())
     targets.update(dict(module.named_buffers()))
@@ -79,12 +84,17 @@ def load_weights(
     shapes: list[str] = []
     with torch.no_grad():
         for path, shard in iter_state_dict(model_dir):
-            for key, tensor in shard.items():
+            stored = ((k, t) for key, tensor in shard.items()
+                      for k, t in (transform(key, tensor) if transform else {key: tensor}).items())
+            for key, tensor in stored:
                 target = targets.get(key)
                 if target is None:
                     unexpected.append(key)
                 elif target.shape != tensor.shape:
                     shapes.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)} ({path.name})")
+                elif target.is_floating_point() != tensor.is_floating_point():
+                    shapes.append(f"{key}: checkpoint {tensor.dtype} vs model {target.dtype} ({path.name}; quantized "
+                                  "weights need a model quantized to the same bits)")
                 else:
                     target.copy_(tensor)
                     seen.add(key)
@@ -93,7 +103,7 @@ def load_weights(
     missing = [k for k in missing if k not in optional]
     problems = []
     if shapes:
-        problems.append("shape mismatch: " + "; ".join(shapes[:5]))
+        problems.append("shape or type mismatch: " + "; ".join(shapes[:5]))
     if missing:
         problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:8]) + (" …" if len(missing) > 8 else ""))
     if unexpected:

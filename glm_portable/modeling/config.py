@@ -98,8 +98,7 @@ class ChatGLMConfig(PretrainedConfig):
             problems.append("rmsnorm=false (LayerNorm variants are not ChatGLM2/3)")
         if self.apply_residual_connection_post_layernorm:
             problems.append("apply_residual_connection_post_layernorm=true")
-        if self.quantization_bit:
-            problems.append(f"quantization_bit={self.quantization_bit} (quantized weights; load the fp16 model)")
+        problems += pre_quantized_problems(self)
         if self.num_attention_heads % self.kv_groups:
             problems.append(f"num_attention_heads={self.num_attention_heads} not divisible by {self.kv_groups} groups")
         if problems:
@@ -173,13 +172,25 @@ class ChatGLM1Config(ChatGLMConfig):
         problems = []
         if not self.position_encoding_2d:
             problems.append("position_encoding_2d=false (ChatGLM-6B uses 2-D positions)")
-        if self.quantization_bit:
-            problems.append(f"quantization_bit={self.quantization_bit} (quantized weights; load the fp16 model)")
+        problems += pre_quantized_problems(self)
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
             problems.append(f"hidden_size={self.hidden_size} must split into {self.num_attention_heads} heads whose "
                             "size is a multiple of 4")
         if problems:
             raise UserError(f"{source}: unsupported configuration: " + "; ".join(problems))
+
+
+def pre_quantized_problems(config: PretrainedConfig) -> list[str]:
+    """What of a pre-quantized directory (``quantization_bit`` in config.json) the native loader cannot read: bit
+    widths other than THUDM's 4 and 8, and quantized embeddings (ChatGLM-6B's ``quantization_embeddings``)."""
+    problems = []
+    bits = getattr(config, "quantization_bit", 0) or 0
+    if bits not in (0, 4, 8):
+        problems.append(f"quantization_bit={bits} (THUDM's quantized weights are 4 or 8 bits)")
+    if bits and getattr(config, "quantization_embeddings", False):
+        problems.append("quantization_embeddings=true (quantized embeddings; load the fp16 model, or the int4 one "
+                        "whose embeddings stay fp16)")
+    return problems
 
 
 def is_first_generation(data: dict[str, Any]) -> bool:

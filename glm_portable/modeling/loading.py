@@ -18,6 +18,7 @@ from .architectures import new_model, optional_weight_prefixes
 from .config import ChatGLMConfig, is_first_generation, load_config
 from .model import ChatGLMForConditionalGeneration
 from .prefix import PREFIX_KEY
+from .quantization import quantize_block_linears, quantizing_transform
 from .tokenizer import ChatGLMTokenizer
 from .tokenizer_v1 import TOKENIZER_FILE as V1_TOKENIZER_FILE
 from .tokenizer_v1 import ChatGLM1Tokenizer
@@ -60,18 +61,24 @@ def load_model(
     pre_seq_len: Optional[int] = None,
     prefix_projection: bool = False,
     local_rank: int = 0,
+    quantization_bit: Optional[int] = None,
 ) -> ChatGLMForConditionalGeneration:
     """Build the native model from a ChatGLM2/3 directory and load its weights by key name.
 
     The model is created without allocating random weights (meta device), then filled shard by
     shard directly on the target device. With ``pre_seq_len`` the base is frozen and a fresh fp32
-    prefix encoder is added (load a trained one with ``load_prefix``). Attention and RMSNorm use the
-    selected backend's kernels. Returned in eval mode.
+    prefix encoder is added (load a trained one with ``load_prefix``). With ``quantization_bit`` (or a
+    pre-quantized directory's ``quantization_bit``) the blocks' linear layers are quantized as each
+    weight is read. Attention, RMSNorm and the quantized matmul use the selected backend's kernels.
+    Returned in eval mode.
     """
     backend = _backend(device)
     dtype = resolve_dtype(dtype, backend)
-    model = _empty_model(load_config(path), backend, dtype, local_rank, pre_seq_len, prefix_projection)
-    uninitialised = load_weights(model, path, optional_prefixes=optional_weight_prefixes(model.config))
+    config = load_config(path)
+    bits = _quantization_bits(config, quantization_bit, path)
+    model = _empty_model(config, backend, dtype, local_rank, pre_seq_len, prefix_projection, bits)
+    uninitialised = load_weights(model, path, optional_prefixes=optional_weight_prefixes(model.config),
+                                 transform=quantizing_transform(model) if bits else None)
     if any(not k.startswith(PREFIX_KEY) for k in uninitialised):
         model.reset_buffers()
     if model.config.pre_seq_len and any(k.startswith(PREFIX_KEY) for k in uninitialised):
@@ -86,15 +93,18 @@ def random_model(
     pre_seq_len: Optional[int] = None,
     prefix_projection: bool = False,
     local_rank: int = 0,
+    quantization_bit: Optional[int] = None,
 ) -> ChatGLMForConditionalGeneration:
     """A model of ``config``'s shape with random weights (normal 0.02), made directly on the device.
 
     Benchmarks measure a 6B shape this way without downloading or writing 12 GB of weights; the
-    compute is the same as with real weights. Seed first for reproducible weights.
+    compute is the same as with real weights. Seed first for reproducible weights. Quantized layers
+    draw and quantize one weight at a time.
     """
     backend = _backend(device)
     dtype = resolve_dtype(dtype, backend)
-    model = _empty_model(copy.deepcopy(config), backend, dtype, local_rank, pre_seq_len, prefix_projection)
+    model = _empty_model(copy.deepcopy(config), backend, dtype, local_rank, pre_seq_len, prefix_projection,
+                         quantization_bit)
     with torch.no_grad():
         model.apply(model._init_weights)
         model.reset_buffers()
@@ -103,16 +113,29 @@ def random_model(
     return model.eval()
 
 
+def _quantization_bits(config: ChatGLMConfig, requested: Optional[int], path: Path | str) -> Optional[int]:
+    """The bits to quantize to: as asked, or a pre-quantized directory's own (which cannot be changed)."""
+    stored = config.quantization_bit or None
+    if stored and requested and requested != stored:
+        raise UserError(f"{Path(path) / 'config.json'}: the weights are quantized to {stored} bits; "
+                        f"--quantization-bit {requested} cannot change that (use the 16-bit model)")
+    return stored or requested
+
+
 def _empty_model(config: ChatGLMConfig, backend: Backend, dtype: torch.dtype, local_rank: int,
-                 pre_seq_len: Optional[int], prefix_projection: bool) -> ChatGLMForConditionalGeneration:
+                 pre_seq_len: Optional[int], prefix_projection: bool,
+                 quantization_bit: Optional[int] = None) -> ChatGLMForConditionalGeneration:
     """Storage on the device without initialising it (meta build, then ``to_empty``); the prefix
-    encoder in fp32, since it is what P-Tuning trains; the backend's kernels."""
+    encoder in fp32, since it is what P-Tuning trains; quantized block layers when asked; the
+    backend's kernels."""
     if pre_seq_len is not None:
         if pre_seq_len <= 0:
             raise UserError(f"pre_seq_len must be a positive integer, got {pre_seq_len}")
         config.pre_seq_len, config.prefix_projection = pre_seq_len, prefix_projection
     with torch.device("meta"):
         model = new_model(config)
+        if quantization_bit:
+            quantize_block_linears(model, quantization_bit)
     model.to_empty(device=backend.device(local_rank))
     model.to(dtype)
     if config.pre_seq_len:

@@ -21,6 +21,7 @@ from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
 
 from .config import ChatGLMConfig
 from .prefix import PrefixEncoder, prefix_key_values
+from .quantization import QuantizedLinear
 from .rotary import RotaryEmbedding, apply_rotary
 
 IGNORE_INDEX = -100
@@ -194,6 +195,11 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, QuantizedLinear):
+            shape = (module.out_features, module.in_features)
+            module.set_dense_weight(torch.empty(shape, device=module.weight.device).normal_(std=0.02))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, RMSNorm):
@@ -330,9 +336,9 @@ class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, G
         return self.transformer.output_layer
 
     def set_kernels(self, kernels: Kernels) -> None:
-        """Route attention and RMSNorm through a backend's kernels (see backends.Backend.kernels)."""
+        """Route attention, RMSNorm and quantized matmuls through a backend's kernels (see backends.Backend.kernels)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, SelfAttention)):
+            if isinstance(module, (RMSNorm, SelfAttention, QuantizedLinear)):
                 module.kernels = kernels
 
     @property

@@ -25,6 +25,7 @@ from .config import ChatGLM1Config
 from .model import CausalLMForward, ChatGLMPreTrainedModel
 from .positions_v1 import v1_attention_mask, v1_position_ids
 from .prefix import PrefixEncoder, prefix_key_values
+from .quantization import QuantizedLinear
 from .rotary import rotary_inv_freq
 
 ROTARY_KEY = ".attention.rotary_emb."
@@ -220,9 +221,10 @@ class ChatGLM1ForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, 
         return self.lm_head
 
     def set_kernels(self, kernels: Kernels) -> None:
-        """Route attention through a backend's kernels (LayerNorm is torch's own on every backend)."""
+        """Route attention and quantized matmuls through a backend's kernels (LayerNorm is torch's own on every
+        backend)."""
         for module in self.modules():
-            if isinstance(module, SelfAttention1):
+            if isinstance(module, (SelfAttention1, QuantizedLinear)):
                 module.kernels = kernels
 
     @property

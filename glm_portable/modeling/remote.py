@@ -64,11 +64,13 @@ def check_remote_dir(path: Path) -> dict[str, Any]:
 
 
 def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | None = None,
-                pre_seq_len: Optional[int] = None, prefix_projection: bool = False, local_rank: int = 0) -> RemoteModel:
+                pre_seq_len: Optional[int] = None, prefix_projection: bool = False, local_rank: int = 0,
+                quantization_bit: Optional[int] = None) -> RemoteModel:
     """Tokenizer and model from the directory's own code, patched, on the backend's device.
 
     With ``pre_seq_len`` the remote PrefixEncoder is built (P-Tuning v2) and freshly initialised in
-    fp32, as THUDM's recipe trains it, and everything else is frozen.
+    fp32, as THUDM's recipe trains it, and everything else is frozen. ``quantization_bit`` calls the
+    model's own ``quantize()`` (THUDM's CUDA-only kernels; refused elsewhere by a patch).
     """
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -85,6 +87,8 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
         reference = auto_map["AutoModel" if "AutoModel" in auto_map else "AutoModelForCausalLM"]
         model_class = _with_generation(get_class_from_dynamic_module(reference, str(path)))
         model = model_class.from_pretrained(str(path), config=config, **_dtype_argument(dtype))
+        if quantization_bit:
+            model = _quantized(model, quantization_bit, path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
     encoder = getattr(getattr(model, "transformer", None), "prefix_encoder", None)
@@ -94,6 +98,15 @@ def load_remote(path: str | Path, backend: Backend, dtype: str | torch.dtype | N
         freeze_all_but_prefix(model)
     model = model.to(backend.device(local_rank))
     return RemoteModel(model.eval(), tokenizer, imported.applied)
+
+
+def _quantized(model: Any, bits: int, path: Path) -> Any:
+    """The model after its own ``quantize(bits)``, called while the patches are in place (off CUDA one of them
+    turns it into a clear refusal)."""
+    quantize = getattr(model, "quantize", None)
+    if not callable(quantize):
+        raise UserError(f"{path}: the model's own code has no quantize(); --quantization-bit needs --impl native here")
+    return quantize(bits) or model
 
 
 def _with_generation(model_class: type) -> type:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, Dtype, option
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
 
 
 @dataclass
@@ -18,6 +18,7 @@ class ChatOptions:
     query: Optional[str] = option(None, "Answer this one question, print the answer and exit.")
     device: Optional[str] = option(None, DEVICE_HELP)
     dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     max_new_tokens: int = option(256, "Tokens an answer gets at most.", minimum=1)
     greedy: bool = option(False, "Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8).")
     top_p: float = option(0.8, "Top-p when sampling.")
@@ -36,6 +37,7 @@ class ServeOptions:
     impl: Literal["native", "remote"] = option("native", IMPL_HELP)
     device: Optional[str] = option(None, DEVICE_HELP)
     dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 opens the server to the network.")
     port: int = option(8000, "Port to listen on (0: any free port, printed at start).", minimum=0, maximum=65535)
     api_key: Optional[str] = option(None, "Require 'Authorization: Bearer KEY' on /v1 (or set $GLM_PORTABLE_API_KEY).",

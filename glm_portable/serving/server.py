@@ -43,7 +43,8 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     selection = select_backend(options.device)
     start_process(selection.backend)
     tokenizer = load_tokenizer(options.model)
-    model = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl)
+    model = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl,
+                               options.quantization_bit)
     engine = GenerationEngine(model, tokenizer, options.max_batch_size, options.batch_wait_ms / 1000)
     settings = ServerSettings(model_name=options.served_name(), max_new_tokens=options.max_new_tokens,
                               temperature=options.temperature, top_p=options.top_p,

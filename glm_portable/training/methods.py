@@ -20,6 +20,7 @@ from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, load_model, load_prefix, new_model, random_model
 from glm_portable.modeling.checkpoint import copy_model_files, load_weights, write_weights
 from glm_portable.modeling.prefix import PREFIX_KEY, freeze_all_but_prefix, reset_prefix_encoder
+from glm_portable.modeling.quantization import QuantizedLinear, quantization_bits
 from glm_portable.modeling.remote import load_remote
 
 from .options import DEFAULT_LR
@@ -34,11 +35,13 @@ Loader = Callable[..., torch.nn.Module]  # (dtype=None, path=None, pre_seq_len=â
 class Method:
     """One fine-tuning method. ``default_lr`` comes from the recipe users know it by (``options.DEFAULT_LR``).
     ``distributed_optimizer``: it trains every weight, so ZeRO must shard the optimizer state.
-    ``record_fields``: the workload options a benchmark record keeps for it."""
+    ``record_fields``: the workload options a benchmark record keeps for it. ``trains_on_quantized_base``: it
+    leaves the base frozen, so the base may be quantized (``--quantization-bit``)."""
 
     name: str
     default_lr: float
     distributed_optimizer = False
+    trains_on_quantized_base = True
     record_fields: tuple[str, ...] = ()
 
     def build(self, options: "TrainOptions", base: Loader, backend: Backend) -> torch.nn.Module:
@@ -142,6 +145,7 @@ class LoRA(Method):
 
         config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                             target_modules=list(options.lora_target), task_type="CAUSAL_LM")
+        _adapt_quantized_layers(config)
         try:
             model = get_peft_model(base(), config)
         except ValueError as exc:
@@ -171,9 +175,11 @@ class LoRA(Method):
         return (checkpoint / ADAPTER_CONFIG).is_file()
 
     def for_inference(self, base, checkpoint):
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel
 
-        return PeftModel.from_pretrained(base(), str(checkpoint)).eval()
+        config = LoraConfig.from_pretrained(str(checkpoint))
+        _adapt_quantized_layers(config)
+        return PeftModel.from_pretrained(base(), str(checkpoint), config=config).eval()
 
     def merged(self, model):
         return model.merge_and_unload()
@@ -187,13 +193,26 @@ class LoRA(Method):
         return trainable
 
 
+def _adapt_quantized_layers(config: Any) -> None:
+    """Let peft wrap a quantized base's layers with its own LoRA linear layer (``base(x) + B(A(x))``, reading only
+    ``in_features`` / ``out_features`` of the base layer): peft knows no QuantizedLinear by itself."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    config._register_custom_module({QuantizedLinear: LoraLinear})
+
+
 class Full(Method):
     name = "full"
     default_lr = DEFAULT_LR[name]
     distributed_optimizer = True
+    trains_on_quantized_base = False
 
     def build(self, options, base, backend):
-        return base(torch.float32)  # fp32 master weights; DeepSpeed runs them in the run's dtype
+        model = base(torch.float32)  # fp32 master weights; DeepSpeed runs them in the run's dtype
+        if quantization_bits(model):
+            raise UserError(f"{options.model}: the weights are quantized (quantization_bit in config.json) and cannot "
+                            "train; fine-tune the 16-bit model, or use --method ptuning or lora on this one")
+        return model
 
     def save(self, model, directory, state_dict=None, base_dir=None):
         """The whole model, with ``base_dir``'s tokenizer and code files: a model directory of its own (what
@@ -244,11 +263,15 @@ def build_model(options: "TrainOptions", backend: Backend, dtype: torch.dtype, l
     """
     def base(base_dtype: Optional[torch.dtype] = None, path: Optional[Path] = None, **prefix) -> torch.nn.Module:
         base_dtype = dtype if base_dtype is None else base_dtype
+        bits = options.quantization_bit
         if options.impl == "remote":
-            return load_remote(options.model, backend, base_dtype, local_rank=local_rank, **prefix).model
+            return load_remote(options.model, backend, base_dtype, local_rank=local_rank, quantization_bit=bits,
+                               **prefix).model
         if shape is not None:
-            return random_model(shape, dtype=base_dtype, device=backend, local_rank=local_rank, **prefix)
-        return load_model(options.model, dtype=base_dtype, device=backend, local_rank=local_rank, **prefix)
+            return random_model(shape, dtype=base_dtype, device=backend, local_rank=local_rank, quantization_bit=bits,
+                                **prefix)
+        return load_model(options.model, dtype=base_dtype, device=backend, local_rank=local_rank,
+                          quantization_bit=bits, **prefix)
 
     return get_method(options.method).build(options, base, backend)
 

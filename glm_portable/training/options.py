@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, Dtype, option
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
 
 MethodName = Literal["ptuning", "lora", "full"]
 # The recipes users come from (docs/thudm-compatibility.md): THUDM's P-Tuning train.sh, the ChatGLM-6B LoRA
@@ -31,6 +31,7 @@ class TrainOptions:
     impl: Literal["native", "remote"] = option("native", IMPL_HELP)
     device: Optional[str] = option(None, DEVICE_HELP)
     dtype: Optional[Dtype] = option(None, "Base model dtype (default: the backend's: bf16, fp16 or fp32 on CPU).")
+    quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP + " P-Tuning and LoRA only.")
     pre_seq_len: int = option(128, "P-Tuning prefix length.", minimum=1)
     prefix_projection: bool = option(False, "P-Tuning with the two-layer prefix projection.")
     lora_rank: int = option(8, "LoRA rank.", minimum=1)
@@ -73,6 +74,9 @@ class TrainOptions:
         if method.distributed_optimizer and self.deepspeed is None:
             raise UserError(f"--method {self.method} needs --deepspeed zero2 or zero3 (ZeRO keeps the optimizer state "
                             "sharded)")
+        if self.quantization_bit and not method.trains_on_quantized_base:
+            raise UserError(f"--quantization-bit with --method {self.method}: it trains every weight, and quantized "
+                            "weights cannot train; use --method ptuning or lora")
         if self.deepspeed is not None and not method.distributed_optimizer:
             raise UserError(f"--deepspeed is for --method full; {self.method} trains too few parameters to need it")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():

@@ -123,3 +123,28 @@ def npu_rms_norm(x, gamma, epsilon=1e-6):
     STATE.calls.append(("npu_rms_norm",))
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
     return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
+
+
+def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
+                                 quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0):
+    """Documented: x (M, K) fp16/bf16 times the int8 weight (K, N; a transposed view allowed) dequantized as
+    (weight + offset) * scale, the scale (N,) or (1, N) in x's dtype; per-channel here; A2 only; output in x's dtype."""
+    STATE.calls.append(("npu_weight_quant_batchmatmul", tuple(weight.shape)))
+    if not STATE.is_a2:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: per-channel int8 here needs Atlas A2, not {STATE.soc_name}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0]:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
+                           "are not (M, K) and (K, N)")
+    if weight.dtype != torch.int8 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: x {x.dtype}, weight {weight.dtype} not supported")
+    if antiquant_scale.dtype != x.dtype or antiquant_scale.numel() != weight.shape[1]:
+        raise RuntimeError("npu_weight_quant_batchmatmul: antiquant_scale must be (N,) in x's dtype")
+    if antiquant_group_size or quant_scale is not None:
+        raise NotImplementedError("the double models per-channel antiquantisation only")
+    dense = weight.float()
+    if antiquant_offset is not None:
+        dense = dense + antiquant_offset.float().reshape(1, -1)
+    out = torch.matmul(x.float(), dense * antiquant_scale.float().reshape(1, -1))
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
