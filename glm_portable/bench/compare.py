@@ -125,7 +125,8 @@ def _workload_line(record: dict[str, Any]) -> str:
     w = record["workload"]
     return (f"shape {w['shape']}, method {w['method']}, batch {w['batch_size']} × accum {w['grad_accum']} × "
             f"{w['world_size']} processes, lengths {w['source_length']}/{w['target_length']}, "
-            f"{w['warmup']} warm-up + {w['steps']} measured steps, seed {w['seed']}, lr {w['lr']}")
+            f"{w['warmup']} warm-up + {w['steps']} measured steps, seed {w['seed']}, lr {w['lr']}"
+            + (f", base quantized to {w['quantization_bit']} bits" if w.get("quantization_bit") else ""))
 
 
 def compare(paths: list[Path], out: Path, force: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -180,14 +180,14 @@ class ChatGLM1Config(ChatGLMConfig):
             raise UserError(f"{source}: unsupported configuration: " + "; ".join(problems))
 
 
-def pre_quantized_problems(config: PretrainedConfig) -> list[str]:
+def pre_quantized_problems(config: ChatGLMConfig) -> list[str]:
     """What of a pre-quantized directory (``quantization_bit`` in config.json) the native loader cannot read: bit
     widths other than THUDM's 4 and 8, and quantized embeddings (ChatGLM-6B's ``quantization_embeddings``)."""
     problems = []
-    bits = getattr(config, "quantization_bit", 0) or 0
+    bits = config.quantization_bit or 0
     if bits not in (0, 4, 8):
         problems.append(f"quantization_bit={bits} (THUDM's quantized weights are 4 or 8 bits)")
-    if bits and getattr(config, "quantization_embeddings", False):
+    if bits and config.upstream.get("quantization_embeddings"):
         problems.append("quantization_embeddings=true (quantized embeddings; load the fp16 model, or the int4 one "
                         "whose embeddings stay fp16)")
     return problems

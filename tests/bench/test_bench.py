@@ -95,6 +95,17 @@ def test_different_workloads_are_refused_unless_forced(records, tmp_path):
     assert "Compared with --force" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_a_quantized_base_is_part_of_the_workload(records, tmp_path):
+    cli("bench", *QUICK, "--out", tmp_path / "q.json", "--quantization-bit", "4")
+    record = read_record(tmp_path / "q.json")
+    assert record["workload"]["quantization_bit"] == 4
+    assert read_record(records / "a.json")["workload"]["quantization_bit"] is None
+    losses = record["results"]["losses"]
+    assert losses != read_record(records / "a.json")["results"]["losses"] and all(l > 0 for l in losses)
+    refused = cli("compare", records / "a.json", tmp_path / "q.json", "--out", tmp_path / "r", check=False)
+    assert refused.returncode == 2 and "quantization_bit" in refused.stderr
+
+
 def test_a_file_that_is_no_record_is_named_with_its_missing_field(records, tmp_path):
     record = json.loads((records / "a.json").read_text())
     del record["results"]["losses"]

@@ -146,3 +146,27 @@ def test_demo_never_replaces_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(UserError, match="was not made by `glm-portable demo`"):
         run_demo(DemoOptions(output=tmp_path, method="lora"), select_backend("cpu"))
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_prefix_trained_on_a_quantized_base_evaluates_on_either_base_and_records_the_bits(tiny_dir, data_dir,
+                                                                                              tmp_path):
+    options = TrainOptions(model=tiny_dir, data=data_dir / "data", output=tmp_path / "run", pre_seq_len=8, lr=0.3,
+                           batch_size=4, grad_accum=1, max_steps=6, logging_steps=3, save_steps=6, quantization_bit=4)
+    trained = run_training(options, get_backend("cpu"), "test").model
+    common = dict(model=tiny_dir, data=data_dir / "data", max_new_tokens=8, checkpoint=tmp_path / "run", limit=4)
+    in_memory = evaluate(EvalOptions(output=tmp_path / "a", **{k: v for k, v in common.items() if k != "checkpoint"}),
+                         get_backend("cpu"), model=trained)
+    quantized = evaluate(EvalOptions(output=tmp_path / "q", quantization_bit=4, **common), get_backend("cpu"))
+    unquantized = evaluate(EvalOptions(output=tmp_path / "u", **common), get_backend("cpu"))
+    predictions = {name: (tmp_path / name / "generated_predictions.txt").read_text() for name in "aqu"}
+    assert predictions["a"] == predictions["q"]
+    assert in_memory["settings"]["quantization_bit"] == 4 and quantized["settings"]["quantization_bit"] == 4
+    assert unquantized["settings"]["quantization_bit"] is None and unquantized["samples"] == 4
+
+
+@pytest.mark.parametrize("command,extra", [("evaluate", ["--data", "x", "--output", "y"]), ("chat", ["--query", "hi"]),
+                                           ("serve", [])])
+def test_an_unknown_bit_width_exits_2_on_every_command(tiny_dir, command, extra):
+    out = subprocess.run([sys.executable, "-m", "glm_portable.cli", command, "--model", str(tiny_dir), *extra,
+                          "--quantization-bit", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--quantization-bit 3: expected one of 4, 8" in out.stderr, out.stderr

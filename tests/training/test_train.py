@@ -282,3 +282,59 @@ def test_each_method_has_its_recipe_learning_rate(tiny_dir, data_dir, tmp_path, 
                "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["training"]["lr"] == lr
+
+
+# The same run on a base quantized at load (THUDM's weight-only scheme): its own pinned losses.
+PINNED_QUANTIZED = {("ptuning", 4): [6.923272, 6.790452, 6.716082, 6.703933],
+                    ("lora", 8): [6.929581, 6.866454, 6.795720, 6.758143]}
+
+
+@pytest.mark.parametrize("method,bits", sorted(PINNED_QUANTIZED))
+def test_quantized_base_trains_the_method_alone_with_pinned_losses(tiny_dir, data_dir, tmp_path, method, bits):
+    lr = PINNED[method][0]
+    run = tmp_path / f"{method}-{bits}"
+    result = _train(_options(tiny_dir, data_dir, run, method=method, lr=lr, max_steps=4, save_steps=4,
+                             lora_dropout=0.0, quantization_bit=bits))
+    losses = [loss for _, loss in _losses(run)]
+    assert losses == pytest.approx(PINNED_QUANTIZED[(method, bits)], rel=1e-5)
+    assert losses != pytest.approx(PINNED[method][1], rel=1e-5)  # the quantized base computes differently
+    assert json.loads((run / "run.json").read_text())["identity"]["quantization_bit"] == bits
+    files = {p.name for p in (run / "checkpoint-4").iterdir()}
+    if method == "ptuning":
+        assert set(load_file(str(run / "checkpoint-4" / "model.safetensors"))) == {
+            "transformer.prefix_encoder.embedding.weight"}
+    else:
+        assert all("lora_" in k for k in load_file(str(run / "checkpoint-4" / "adapter_model.safetensors")))
+    assert not any(name.startswith("model-") for name in files)
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all(("prefix_encoder" in n) if method == "ptuning" else ("lora_" in n) for n in trainable)
+
+
+def test_an_adapter_from_a_quantized_base_loads_onto_the_16_bit_base_and_the_reverse(tiny_dir, data_dir, tmp_path):
+    from glm_portable.evaluation import load_for_inference
+
+    for bits in (8, None):
+        _train(_options(tiny_dir, data_dir, tmp_path / str(bits), method="lora", lr=5e-3, max_steps=4,
+                        quantization_bit=bits))
+    ids = torch.tensor([load_tokenizer(tiny_dir).encode("类型#裙*颜色#红色")])
+    cpu = get_backend("cpu")
+    with torch.no_grad():
+        base = load_model(tiny_dir, dtype="float32", device="cpu")(input_ids=ids).logits
+        for trained, bits in (("8", None), ("None", 8), ("8", 4)):
+            model = load_for_inference(tiny_dir, tmp_path / trained, cpu, "float32", quantization_bit=bits)
+            assert not torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_quantization_refusals_exit_2_with_one_message(tiny_dir, data_dir, tmp_path):
+    from tests.patches.conftest import make_remote_dir
+
+    common = ("--model", tiny_dir, "--data", data_dir, "--output", tmp_path / "run", "--max-steps", "1")
+    bad_bits = _cli(*common, "--quantization-bit", "3")
+    assert bad_bits.returncode == 2 and "--quantization-bit 3: expected one of 4, 8" in bad_bits.stderr
+    full = _cli(*common, "--method", "full", "--deepspeed", "zero2", "--quantization-bit", "4")
+    assert full.returncode == 2 and "quantized weights cannot train" in full.stderr
+    remote = make_remote_dir(tiny_dir, tmp_path / "remote")
+    own_code = _cli("--model", remote, *common[2:], "--impl", "remote", "--quantization-bit", "4", "--device", "cpu")
+    assert own_code.returncode == 2 and "CUDA-only kernels and cannot run on cpu" in own_code.stderr, own_code.stderr
+    for result in (bad_bits, full, own_code):
+        assert "Traceback" not in result.stderr and not (tmp_path / "run" / "run.json").exists()
