@@ -23,12 +23,14 @@ RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 @dataclass(frozen=True)
 class Kernels:
     """The kernel choices a backend makes; the model calls these and nothing device-specific.
-    ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``)."""
+    ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``); ``static_shapes``:
+    the device compiles a graph per input shape, so the model avoids data-dependent shapes."""
 
     name: str
     attention: AttentionFn
     rms_norm: RMSNormFn
     quantized_matmul: QuantizedMatmulFn = weight_only_quantized_matmul
+    static_shapes: bool = False
 
 
 def expand_kv_groups(kv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -128,6 +128,7 @@ class NpuBackend(Backend):
             attention=_npu_fusion_attention(module) if fused else sdpa_attention,
             rms_norm=_npu_rms_norm(module),
             quantized_matmul=npu_weight_quant_matmul(module) if fused else reference_quantized_matmul,
+            static_shapes=self.static_shapes,
         )
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -290,10 +291,45 @@ def causal_lm_loss(
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(logits.device)
     flat_logits, flat_labels = shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1)
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+    return _normalised(total, flat_labels, num_items_in_batch)
+
+
+def _normalised(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int | torch.Tensor]
+                ) -> torch.Tensor:
+    count = (labels != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device, dtype=total.dtype)
+
+
+LOSS_CHUNK_ROWS = 1024  # fp32 logits of one chunk: 1024 × 65,024 × 4 bytes = 266 MB for ChatGLM2/3
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+    num_items_in_batch: Optional[int | torch.Tensor] = None, select_labelled: bool = True,
+    chunk_rows: int = LOSS_CHUNK_ROWS,
+) -> torch.Tensor:
+    """``causal_lm_loss(head(hidden), labels)`` without the whole batch's logits: the output layer runs on
+    ``chunk_rows`` positions at a time, each chunk recomputed in backward (so no fp32 logits are kept), and
+    with ``select_labelled`` only on positions that carry a label. Backends that compile per shape
+    (``Kernels.static_shapes``) keep every position, so each chunk's shape is fixed by the batch's."""
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].to(hidden.device).reshape(-1)
+    if select_labelled:
+        keep = targets != IGNORE_INDEX
+        states, targets = states[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], chunk_rows):
+        piece, wanted = states[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if torch.is_grad_enabled() and piece.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, piece, wanted, head, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(piece, wanted, head)
+    return _normalised(total, targets, num_items_in_batch)
 
 
 class CausalLMForward:
@@ -314,9 +350,15 @@ class CausalLMForward:
     ) -> CausalLMOutputWithPast:
         use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
         hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        head = self.get_output_embeddings()
+        if labels is not None and self.training:
+            # Training needs the loss alone: no logits tensor over the whole batch and vocabulary.
+            loss = chunked_lm_loss(hidden, head, labels, kwargs.get("num_items_in_batch"),
+                                   select_labelled=not self.kernels.static_shapes)
+            return CausalLMOutputWithPast(loss, None, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.get_output_embeddings()(hidden)
+        logits = head(hidden)
         loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
         return CausalLMOutputWithPast(loss, logits, cache)  # positional: the cache field is renamed in 5.24
 

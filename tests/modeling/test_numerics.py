@@ -157,3 +157,48 @@ def test_bf16_logits_agree_with_fp32(tiny2_dir, tokenizer, model):
     real = batch["attention_mask"].bool()
     assert (a[real] - b[real]).abs().max().item() < 0.05
     assert (a[real].argmax(-1) == b[real].argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("select_labelled", [True, False])
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_chunked_loss_equals_the_plain_loss_and_gradients_and_keeps_no_logits(tiny2_dir, tokenizer, select_labelled,
+                                                                              num_items):
+    from glm_portable.modeling.model import causal_lm_loss, chunked_lm_loss
+
+    model = load_model(tiny2_dir, dtype="float32", device="cpu", pre_seq_len=4)
+    batch = _batch(tokenizer, TEXTS)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, :4] = -100
+    head = model.get_output_embeddings()
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        hidden, _ = model.transformer(batch["input_ids"], batch["attention_mask"])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if chunked:
+                loss = chunked_lm_loss(hidden, head, labels, num_items, select_labelled, chunk_rows=5)
+            else:
+                loss = causal_lm_loss(head(hidden), labels, num_items)
+        loss.backward()
+        vocab_wide = [t for t in saved if t.dim() >= 2 and t.shape[-1] == head.out_features]
+        results.append((loss.detach(), model.transformer.prefix_encoder.embedding.weight.grad.clone(), vocab_wide))
+    (plain, plain_grad, plain_saved), (chunked, chunked_grad, chunked_saved) = results
+    assert plain_saved and not chunked_saved  # the plain path keeps the whole batch's logits for backward
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_grad, plain_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_training_forward_returns_the_chunked_loss_and_no_logits(model, tokenizer):
+    batch = _batch(tokenizer, TEXTS[:2])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    try:
+        trained = model(**batch, labels=labels)
+    finally:
+        model.eval()
+    with torch.no_grad():
+        evaluated = model(**batch, labels=labels)
+    assert trained.logits is None and evaluated.logits is not None
+    torch.testing.assert_close(trained.loss.detach(), evaluated.loss, rtol=1e-5, atol=1e-6)
