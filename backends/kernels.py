@@ -3,13 +3,15 @@
 Tensors follow one convention so that vendor kernels can be swapped in: queries ``[batch, heads,
 q_len, head_dim]``, keys and values ``[batch, kv_groups, kv_len, head_dim]`` (not yet expanded to
 the query heads; query head ``h`` uses group ``h // (heads // kv_groups)``), and an optional boolean
-mask ``[batch, 1, q_len, kv_len]`` where True means "may attend".
+mask ``[batch, 1, q_len, kv_len]`` where True means "may attend". ``causal`` without a mask is
+aligned to the last key: query ``i`` of ``q_len`` sees keys up to ``i + kv_len - q_len``, so a
+P-Tuning prefix or a cache in front of the queries needs no mask tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +43,38 @@ def expand_kv_groups(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return kv.repeat_interleave(num_heads // groups, dim=1)
 
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+SDPA_GROUPS = TORCH_VERSION >= (2, 5)  # enable_gqa: grouped keys and values without expanding them
+
+
+def causal_to_last_key(q_len: int, kv_len: int, device: torch.device) -> Any:
+    """The causal mask aligned to the last key, as torch's ``causal_lower_right`` bias where torch has it (its
+    fused kernels take it without a dense mask), else as a boolean tensor."""
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:
+        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    return causal_lower_right(q_len, kv_len)
+
+
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, scale: float
 ) -> torch.Tensor:
-    """Portable path: torch's fused scaled-dot-product attention, available on every device."""
-    k = expand_kv_groups(k, q.shape[1])
-    v = expand_kv_groups(v, q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    """Portable path: torch's fused scaled-dot-product attention, available on every device; grouped keys and
+    values go in as they are (``enable_gqa``), and causal attention behind a prefix or cache takes torch's
+    lower-right causal bias, so neither keeps SDPA off its fused kernels."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    extra: dict[str, Any] = {}
+    if SDPA_GROUPS and k.shape[1] != q.shape[1]:
+        extra["enable_gqa"] = True
+    else:
+        k, v = expand_kv_groups(k, q.shape[1]), expand_kv_groups(v, q.shape[1])
+    if mask is None and causal and q_len != kv_len:
+        if q_len > 1:
+            mask = causal_to_last_key(q_len, kv_len, q.device)
+        causal = False  # one query behind everything sees every key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          **extra)
 
 
 def eager_attention(

@@ -160,14 +160,15 @@ def build_attention_mask(
 ) -> tuple[Optional[torch.Tensor], bool]:
     """(mask, causal) for queries that are the last ``query_len`` of ``key_len`` positions.
 
-    Returns no mask when plain causal attention (or, for one query, full attention) is exact, so
-    fused kernels run their fastest path. Query rows that would see no key at all (left padding)
-    see every key, as upstream does, so no NaN can leak through a zero attention weight.
+    Returns no mask when there is no padding: causal attention aligned to the last key (the kernels'
+    convention) is then exact, behind a prefix or a cache too, so fused kernels run their fastest
+    path. Query rows that would see no key at all (left padding) see every key, as upstream does, so
+    no NaN can leak through a zero attention weight.
     """
     offset = key_len - query_len
     has_padding = padding is not None and not bool(padding.all())
-    if not has_padding and (offset == 0 or query_len == 1):
-        return None, offset == 0
+    if not has_padding:
+        return None, True
     device = padding.device if padding is not None else None
     positions = torch.arange(key_len, device=device)
     allowed = positions[None, :] <= (positions[offset:, None])
