@@ -181,6 +181,17 @@ def build_attention_mask(
     return allowed[:, None], False
 
 
+def packed_attention_mask(sequence_ids: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:
+    """``[batch, 1, seq, prefix + seq]``: causal inside each packed row (equal ``sequence_ids``), the prefix open
+    to every query: what each row would see alone."""
+    seq = sequence_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=sequence_ids.device).tril()
+    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & causal
+    if prefix_len:
+        allowed = torch.cat((allowed.new_ones(*allowed.shape[:2], prefix_len), allowed), dim=-1)
+    return allowed[:, None]
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -248,7 +259,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         use_cache: bool = False,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[Cache]]:
+        """``sequence_ids`` (packed training batches, with their restarting ``position_ids``): attention stays
+        inside each row, and the P-Tuning prefix is seen by all."""
         batch, seq = input_ids.shape
         hidden = self.embedding(input_ids)
         if use_cache and past_key_values is None:
@@ -265,7 +279,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         key_len = past + (prefix_len if prefix is not None else 0) + seq
         if padding is not None and padding.shape[-1] != key_len:
             raise ValueError(f"attention_mask covers {padding.shape[-1]} positions, expected {key_len}")
-        mask, causal = build_attention_mask(padding, seq, key_len)
+        if sequence_ids is not None:
+            if position_ids is None or attention_mask is not None or past:
+                raise ValueError("packed rows (sequence_ids) need their position_ids, and no attention_mask or cache")
+            mask, causal = packed_attention_mask(sequence_ids, prefix_len if prefix is not None else 0), False
+        else:
+            mask, causal = build_attention_mask(padding, seq, key_len)
         cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype)
         hidden = self.encoder(hidden, cos, sin, mask, causal, prefix, past_key_values if use_cache else None)
         return hidden, past_key_values if use_cache else None
@@ -350,7 +369,8 @@ class CausalLMForward:
         **kwargs,
     ) -> CausalLMOutputWithPast:
         use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
-        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        packed = {"sequence_ids": kwargs["sequence_ids"]} if kwargs.get("sequence_ids") is not None else {}
+        hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache, **packed)
         head = self.get_output_embeddings()
         if labels is not None and self.training:
             # Training needs the loss alone: no logits tensor over the whole batch and vocabulary.

@@ -52,6 +52,9 @@ class TrainOptions:
     seed: int = option(42, "Seed of the prefix / adapter initialisation, the data order and dropout.")
     padding: Optional[Padding] = option(None, "Static shapes (the NPU's default) or each batch's longest row (the "
                                         "others' default).")
+    packing: bool = option(False, "Pack whole rows into fixed-length sequences (no padding; positions restart and "
+                           "attention stays inside each row). ChatGLM2/3, native.")
+    group_by_length: bool = option(False, "Batch rows of similar length together (less padding without packing).")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
     nproc: int = option(1, "Processes (cards) on this node.", minimum=1)
     nnodes: int = option(1, "Nodes.", minimum=1)
@@ -77,6 +80,11 @@ class TrainOptions:
         if self.quantization_bit and not method.trains_on_quantized_base:
             raise UserError(f"--quantization-bit with --method {self.method}: it trains every weight, and quantized "
                             "weights cannot train; use --method ptuning or lora")
+        if self.packing and self.impl == "remote":
+            raise UserError("--packing with --impl remote: a model directory's own code cannot keep attention inside "
+                            "each packed row; use --impl native")
+        if self.packing and self.group_by_length:
+            raise UserError("--packing and --group-by-length: packed sequences all have one length; choose one")
         if self.deepspeed is not None and not method.distributed_optimizer:
             raise UserError(f"--deepspeed is for --method full; {self.method} trains too few parameters to need it")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():

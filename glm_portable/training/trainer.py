@@ -16,20 +16,23 @@ import os
 import pickle
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from glm_portable import __version__
 from glm_portable.atomic import write_text_atomic
 from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator, check_compatible, load_preprocessed, template_for
+from glm_portable.data.packing import PackedCollator, pack_rows
 from glm_portable.versions import library_versions
 from glm_portable.errors import GlmPortableError, NothingToDo, TrainingStopped, UserError
-from glm_portable.jsonfile import strict_json, write_json_object
+from glm_portable.jsonfile import read_json_object, strict_json, write_json_object
 from glm_portable.locking import exclusive
 from glm_portable.modeling import load_tokenizer, resolve_dtype
+from glm_portable.modeling.config import is_first_generation
 from glm_portable.modeling.model import causal_lm_loss
 from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
@@ -47,7 +50,7 @@ ALL_RESULTS, TRAINER_STATE = "all_results.json", "trainer_state.json"  # where T
 class CountingCollator:
     """Wraps the collator to count the real (unpadded) tokens each batch carries, for tokens/s."""
 
-    def __init__(self, collator: TrainCollator) -> None:
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]) -> None:
         self.collator = collator
         self.tokens = 0
 
@@ -190,6 +193,15 @@ def run_identity(options: TrainOptions) -> dict[str, Any]:
     return {k: v for k, v in options.as_dict().items() if k in IDENTITY_KEYS}
 
 
+def _length_grouping(wanted: bool) -> dict[str, Any]:
+    """transformers' length-grouped sampler: ``train_sampling_strategy`` since 5.x, ``group_by_length`` before."""
+    if not wanted:
+        return {}
+    if "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dtype, world_size: int) -> TrainingArguments:
     accelerated = backend.is_accelerator
     extra: dict[str, Any] = {}
@@ -207,8 +219,22 @@ def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dty
         use_cpu=not accelerated, report_to=[], remove_unused_columns=False, logging_nan_inf_filter=False,
         lr_scheduler_type="linear", weight_decay=0.0, dataloader_num_workers=0, average_tokens_across_devices=False,
         ddp_backend=backend.dist_backend if world_size > 1 else None, ddp_find_unused_parameters=False,
-        disable_tqdm=not os.isatty(2), **extra,
+        disable_tqdm=not os.isatty(2), **_length_grouping(options.group_by_length), **extra,
     )
+
+
+def training_batches(options: TrainOptions, dataset: Any, tokenizer: Any, manifest: dict[str, Any], padding: str
+                     ) -> tuple[Any, Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]]:
+    """The rows the Trainer draws and the collator that makes batches of them: padded rows, or (``--packing``)
+    sequences of whole rows, ``fixed_length`` tokens each."""
+    length = manifest["limits"]["fixed_length"]
+    if padding != "packed":
+        return dataset, TrainCollator(tokenizer.pad_token_id, padding, length)
+    if is_first_generation(read_json_object(Path(options.model) / "config.json")):
+        raise UserError("--packing: ChatGLM-6B's 2-D positions and prefix-LM attention are not packed; train it "
+                        "without --packing")
+    packed = pack_rows(dataset["input_ids"], dataset["labels"], length)
+    return Dataset.from_dict(packed), PackedCollator(tokenizer.pad_token_id, length)
 
 
 @dataclasses.dataclass
@@ -248,8 +274,10 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
 
         backend.seed(options.seed)
         model = build_model(options, backend, dtype, local_rank)
-        padding = options.padding or backend.default_padding()
-        collator = CountingCollator(TrainCollator(tokenizer.pad_token_id, padding, manifest["limits"]["fixed_length"]))
+        padding = "packed" if options.packing else options.padding or backend.default_padding()
+        rows = len(dataset)
+        dataset, batches = training_batches(options, dataset, tokenizer, manifest, padding)
+        collator = CountingCollator(batches)
         callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
         trainer = GlmTrainer(model=model, args=args,
                              train_dataset=dataset, data_collator=collator, callbacks=[callback], method=get_method(options.method),
@@ -265,7 +293,8 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
                             "dist_backend": backend.dist_backend,
                             "kernels": getattr(model, "kernels", None) and model.kernels.name},
                 "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
-                "data": {"path": str(options.data), "template": manifest["template"], "rows": len(dataset),
+                "data": {"path": str(options.data), "template": manifest["template"], "rows": rows,
+                         "packed_sequences": len(dataset) if options.packing else None,
                          "tokenizer": manifest["tokenizer"]["fingerprint"]},
                 "resumed_from": str(resume) if resume else None, "versions": library_versions(),
                 "impl": options.impl, "patches": list(APPLIED.names),
@@ -284,7 +313,10 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
             raise TrainingStopped(f"{what} at step {step}; training stopped there. "
                                   f"Last good checkpoint: {kept[-1] if kept else 'none (no checkpoint was saved before it)'}")
         metrics: dict[str, Any] = {k: result.metrics.get(k) for k in THUDM_RESULT_KEYS}
-        metrics["train_samples"] = len(dataset)
+        metrics["train_samples"] = rows
+        if options.packing and metrics.get("train_samples_per_second"):
+            # the Trainer counts packed sequences; THUDM's samples are rows
+            metrics["train_rows_per_second"] = round(metrics["train_samples_per_second"] * rows / len(dataset), 3)
         metrics["peak_memory_bytes_per_rank"] = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
         if rank == 0:
             for name in (RESULTS, ALL_RESULTS):
