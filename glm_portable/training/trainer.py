@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import os
 import pickle
 import time
@@ -39,6 +38,7 @@ from glm_portable.process import start_process
 
 from .deepspeed_config import build_deepspeed_config
 from .methods import Method, build_model, get_method
+from .nonfinite import NonFiniteWatch
 from .options import TrainOptions
 from .run_dir import (IDENTITY_KEYS, METRICS, RESULTS, RUN_JSON, checkpoint_step, complete_checkpoints, mark_complete,
                       plot_loss, prepare_run_dir, rotate_checkpoints, truncate_metrics)
@@ -67,6 +67,7 @@ class GlmTrainer(Trainer):
         self.method = method
         self.base_dir = base_dir
         self.nonfinite: Optional[tuple[int, str]] = None  # (step, what became non-finite)
+        self.watch = NonFiniteWatch()
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if not self.args.should_save:
@@ -99,55 +100,39 @@ class GlmTrainer(Trainer):
                 rotate_checkpoints(Path(self.args.output_dir), keep)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        """A non-finite gradient norm stops the run like a non-finite loss (the update it made is not kept)."""
-        if grad_norm is not None and self.nonfinite is None and not math.isfinite(float(grad_norm)):
-            self.nonfinite = (self.state.global_step, f"the gradient norm became {float(grad_norm)}")
+        """A non-finite loss or gradient norm stops the run (the update it made is not kept). Read from the device
+        only where it matters, at steps that log or save and at the last one, so that no step waits for the host."""
+        self.watch.observe_grad_norm(grad_norm, self.state.global_step, self.args.device)
+        control = self.control
+        if control.should_log or control.should_save or self.state.global_step >= self.state.max_steps:
+            found = self.watch.verdict(self.args.device, self.args.world_size)
+            if found is not None and self.nonfinite is None:
+                self.nonfinite = found
         if self.nonfinite is not None:
-            self.control.should_training_stop = True
-            self.control.should_save = False
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_log = False
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self.nonfinite is None and not torch.isfinite(loss).all():
-            self.nonfinite = (self.state.global_step + 1, f"the loss became {float(loss.float().mean())}")
+        self.watch.observe_loss(loss, self.state.global_step + 1)
         return loss
 
 
 class RunCallback(TrainerCallback):
-    """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s) and the stop on a non-finite loss."""
+    """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s)."""
 
-    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int, device: torch.device) -> None:
+    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int) -> None:
         self.run_dir = run_dir
         self.collator = collator
         self.world_size = world_size
-        self.device = device
-        self.trainer: Optional[GlmTrainer] = None
         self.last_time = time.perf_counter()
         self.last_step = 0
         self.last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_step, self.last_tokens = time.perf_counter(), state.global_step, self.collator.tokens
-
-    def _any_rank_nonfinite(self) -> bool:
-        """Every rank stops at the same step, or the others would wait forever in the next all-reduce."""
-        local = self.trainer is not None and self.trainer.nonfinite is not None
-        if self.world_size == 1:
-            return local
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.trainer is not None and self.trainer.nonfinite is None:
-            self.trainer.nonfinite = (self.trainer.state.global_step + 1, "the loss became non-finite on another rank")
-        return bool(flag.item())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_nonfinite():
-            control.should_training_stop = True
-            control.should_save = False
-            control.should_log = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
@@ -278,11 +263,10 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
         rows = len(dataset)
         dataset, batches = training_batches(options, dataset, tokenizer, manifest, padding)
         collator = CountingCollator(batches)
-        callback = RunCallback(options.output, collator, world_size, backend.device(local_rank))
+        callback = RunCallback(options.output, collator, world_size)
         trainer = GlmTrainer(model=model, args=args,
                              train_dataset=dataset, data_collator=collator, callbacks=[callback], method=get_method(options.method),
                              base_dir=options.model, **token_weighted_loss(model))
-        callback.trainer = trainer
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if rank == 0:
             truncate_metrics(options.output, checkpoint_step(resume) if resume is not None else 0)

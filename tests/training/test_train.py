@@ -338,3 +338,19 @@ def test_quantization_refusals_exit_2_with_one_message(tiny_dir, data_dir, tmp_p
     assert own_code.returncode == 2 and "CUDA-only kernels and cannot run on cpu" in own_code.stderr, own_code.stderr
     for result in (bad_bits, full, own_code):
         assert "Traceback" not in result.stderr and not (tmp_path / "run" / "run.json").exists()
+
+
+def test_the_first_non_finite_step_is_named_exactly_when_it_is_read_only_at_logging_steps(tiny_dir, data_dir,
+                                                                                           tmp_path):
+    """The loss is watched on the device and read at logging / saving steps: the step named is still the first
+    bad one, whichever step the run learns of it at, and nothing after it is saved."""
+    stops = {}
+    for every in (1, 5):
+        options = _options(tiny_dir, data_dir, tmp_path / str(every), method="lora", lr=1e20, max_steps=12,
+                           save_steps=every, logging_steps=every)
+        with pytest.raises(TrainingStopped) as info:
+            _train(options)
+        stops[every] = str(info.value).split(";")[0]
+        _complete_tensors_are_finite(tmp_path / str(every))
+    assert stops[1] == stops[5] and "at step" in stops[5]
+    assert not any((tmp_path / "5").glob("checkpoint-*"))
