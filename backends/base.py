@@ -47,6 +47,7 @@ class Backend:
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     is_accelerator: bool = True
     static_shapes: bool = False
+    compile_backend: str | None = "inductor"  # torch.compile's backend for `train --compile`; None: not offered
     env_vars: tuple[str, ...] = ()  # the variables that change what this backend does, for `env`
 
     def toolkit_versions(self) -> dict[str, str | None]:

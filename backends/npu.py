@@ -64,6 +64,7 @@ class NpuBackend(Backend):
     )
     peak_tflops_table: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: NPU_PEAK_TFLOPS)
     static_shapes: bool = True  # graph mode compiles per input shape
+    compile_backend: str | None = None  # torch.compile on Ascend goes through torchair, not inductor
     env_vars: tuple[str, ...] = ("ASCEND_RT_VISIBLE_DEVICES", "ASCEND_TOOLKIT_HOME", "TORCH_DEVICE_BACKEND_AUTOLOAD",
                                  "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "TASK_QUEUE_ENABLE",
                                  "GLM_PORTABLE_NPU_JIT_COMPILE")

@@ -56,6 +56,8 @@ class TrainOptions:
                            "attention stays inside each row). ChatGLM2/3, native.")
     group_by_length: bool = option(False, "Batch rows of similar length together (less padding without packing).")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
+    compile: bool = option(False, "torch.compile the model (inductor: fused norm, rotary and SwiGLU kernels; the "
+                           "first steps pay for compiling). CPU and CUDA.")
     nproc: int = option(1, "Processes (cards) on this node.", minimum=1)
     nnodes: int = option(1, "Nodes.", minimum=1)
     node_rank: int = option(0, "This node's index.", minimum=0)

@@ -195,6 +195,11 @@ def training_arguments(options: TrainOptions, backend: Backend, dtype: torch.dty
                                                     options.deepspeed_config)
     if options.gradient_checkpointing:
         extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.compile:
+        if backend.compile_backend is None:
+            raise UserError(f"--compile: torch.compile is not offered on {backend.name} (its graph compiler is not "
+                            "inductor); train without --compile")
+        extra.update(torch_compile=True, torch_compile_backend=backend.compile_backend)
     return TrainingArguments(
         output_dir=str(options.output), per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr, max_steps=options.max_steps,

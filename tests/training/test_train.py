@@ -354,3 +354,21 @@ def test_the_first_non_finite_step_is_named_exactly_when_it_is_read_only_at_logg
         _complete_tensors_are_finite(tmp_path / str(every))
     assert stops[1] == stops[5] and "at step" in stops[5]
     assert not any((tmp_path / "5").glob("checkpoint-*"))
+
+
+def test_compiled_training_gives_the_eager_losses(tiny_dir, data_dir, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        _train(_options(tiny_dir, data_dir, tmp_path / str(compiled), method="lora", lr=5e-3, lora_dropout=0.0,
+                        max_steps=3, save_steps=3, compile=compiled))
+        losses[compiled] = [loss for _, loss in _losses(tmp_path / str(compiled))]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_compile_is_refused_where_the_backend_offers_none(tiny_dir, data_dir, tmp_path, fake_npu):
+    from glm_portable.errors import UserError
+    from glm_portable.training.trainer import training_arguments
+
+    options = _options(tiny_dir, data_dir, tmp_path / "run", compile=True)
+    with pytest.raises(UserError, match="--compile: torch.compile is not offered on npu"):
+        training_arguments(options, get_backend("npu"), torch.bfloat16, 1)
