@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
-from glm_portable.training.options import DEFAULT_LR, LR_HELP, MethodName
+from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
+from glm_portable.training.options import DEFAULT_LR, LR_HELP, MethodName, Padding
 
 if TYPE_CHECKING:
     from glm_portable.modeling import ChatGLMConfig
@@ -42,6 +42,13 @@ class Workload:
     grad_accum: int = option(1, "Gradient accumulation steps.", minimum=1)
     source_length: int = option(64, "Prompt tokens per sample (THUDM: 64).", minimum=1)
     target_length: int = option(128, "Answer tokens per sample (THUDM: 128).", minimum=1)
+    varied_lengths: bool = option(False, "Rows of varied length, as real data has: prompts uniform in [source/2, "
+                                  "source] tokens, answers in [target/4, target] (seeded).")
+    padding: Padding = option("fixed", "Batches padded to source + target (THUDM's and the NPU's static shapes) or "
+                              "to each batch's longest row.")
+    packing: bool = option(False, "Whole rows packed into sequences (--pack-length) instead of padding.")
+    pack_length: Optional[int] = option(None, "Tokens per packed sequence (default: source + target).", minimum=1)
+    impl: Literal["native", "remote"] = option("native", IMPL_HELP + " Remote needs a model directory.")
     pre_seq_len: int = option(128, "P-Tuning prefix length.", minimum=1)
     lora_rank: int = option(8, "LoRA rank.", minimum=1)
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
@@ -55,6 +62,14 @@ class Workload:
     def check(self) -> None:
         if self.shape not in SHAPE_NAMES and not (Path(self.shape) / "config.json").is_file():
             raise UserError(f"--shape {self.shape}: expected {', '.join(SHAPE_NAMES)} or a model directory with config.json")
+        if self.impl == "remote" and not self.from_directory:
+            raise UserError(f"--impl remote: --shape {self.shape} has no model code of its own; give a model directory")
+        if self.pack_length is not None and (not self.packing or self.pack_length < self.seq_length):
+            raise UserError(f"--pack-length {self.pack_length}: needs --packing and room for the longest row "
+                            f"({self.seq_length} tokens)")
+        if self.packing and self.impl == "remote":
+            raise UserError("--packing with --impl remote: a model directory's own code cannot keep attention inside "
+                            "each packed row")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
 
@@ -65,6 +80,10 @@ class Workload:
     @property
     def seq_length(self) -> int:
         return self.source_length + self.target_length
+
+    @property
+    def packed_length(self) -> int:
+        return self.pack_length or self.seq_length
 
     @property
     def from_directory(self) -> bool:
@@ -115,10 +134,16 @@ class BenchOptions(Workload):
     master_port: int = option(29500, "Port of the launched processes' rendezvous.", minimum=1, maximum=65535)
     peak_tflops: Optional[float] = option(None, "Device peak TFLOP/s for MFU (default: the backend's table).")
     name: Optional[str] = option(None, "The record's name in comparisons (default: backend-dtype-Nx).")
+    compare_thudm: bool = option(False, "Also run THUDM's way on the same rows (the directory's own code, batches "
+                                 "padded to source + target) and record the ratio.")
     overwrite: bool = option(False, "Replace OUT if it exists.")
 
     def check(self) -> None:
         super().check()
+        if self.compare_thudm and (not self.from_directory or self.impl == "remote" or self.nproc > 1
+                                   or self.method == "full"):
+            raise UserError("--compare-thudm: give a model directory with its own code (--shape DIR), --impl native, "
+                            "one process and --method ptuning or lora")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise UserError(f"--peak-tflops must be a positive number, got {self.peak_tflops}")
         if Path(self.out).is_dir():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,16 +21,19 @@ from transformers import TrainerCallback
 
 from glm_portable.backends import Backend
 from glm_portable.data import TrainCollator
+from glm_portable.data.packing import PackedCollator, pack_rows
 from glm_portable.errors import TrainingStopped, UserError
 from glm_portable.jsonfile import read_json_object, write_json_object
 from glm_portable.modeling import ChatGLMConfig, resolve_dtype
+from glm_portable.modeling.remote import check_remote_dir
 from glm_portable.patches import APPLIED
 from glm_portable.process import start_process
 from glm_portable.schema import to_argv
 from glm_portable.training.launcher import LAUNCH_FIELDS, is_launched_child, launch, trainable_parameters
 from glm_portable.training.methods import build_model, get_method
 from glm_portable.training.options import TrainOptions
-from glm_portable.training.trainer import GlmTrainer, gather_from_ranks, leave_process_group, training_arguments, world
+from glm_portable.training.trainer import (GlmTrainer, gather_from_ranks, leave_process_group, token_weighted_loss,
+                                           training_arguments, world)
 
 from .flops import mfu, training_flops_per_token
 from .record import build_record
@@ -39,27 +43,54 @@ from .workload import synthetic_rows
 
 @dataclass
 class StepLog:
-    """Per optimizer step: wall time (the device synchronised at each end), loss and gradient norm."""
+    """Per optimizer step: wall time (the device synchronised at each end), loss and gradient norm; and, as counted
+    by the collator when the step ended, the rows, real tokens and computed positions drawn so far."""
 
     times: list[float] = field(default_factory=list)
     losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
+    drawn: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class BatchCounter:
+    """Wraps a collator to count rows (a packed sequence holds several), real tokens and computed positions of the
+    batches the steps consumed: the data loader fetches ahead, so a batch counts when its step ends (``consume``)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.pending: deque[tuple[int, int, int]] = deque()
+        self.rows = self.tokens = self.positions = 0
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(items)
+        rows = sum(item["position_ids"].count(0) if "position_ids" in item else 1 for item in items)
+        self.pending.append((rows, sum(len(item["input_ids"]) for item in items), batch["input_ids"].numel()))
+        return batch
+
+    def consume(self, batches: int) -> None:
+        for _ in range(min(batches, len(self.pending))):
+            rows, tokens, positions = self.pending.popleft()
+            self.rows, self.tokens, self.positions = self.rows + rows, self.tokens + tokens, self.positions + positions
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self, backend: Backend, log: StepLog) -> None:
+    def __init__(self, backend: Backend, log: StepLog, counter: BatchCounter) -> None:
         self.backend = backend
         self.log = log
+        self.counter = counter
         self.last = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.backend.synchronize()
         self.last = time.perf_counter()
+        self.log.drawn.append((self.counter.rows, self.counter.tokens, self.counter.positions))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.backend.synchronize()
         now = time.perf_counter()
         self.log.times.append(now - self.last)
+        self.counter.consume(args.gradient_accumulation_steps)
+        self.log.drawn.append((self.counter.rows, self.counter.tokens, self.counter.positions))
         self.last = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -74,11 +105,12 @@ def train_options(workload: Workload, device: Optional[str], dtype: Optional[str
     """The training options the workload amounts to: every step logged, no checkpoint written."""
     return TrainOptions(
         model=Path(workload.shape), data=Path("."), output=output, method=workload.method, device=device, dtype=dtype,
+        impl=workload.impl, packing=workload.packing, pack_length=workload.pack_length,
         pre_seq_len=workload.pre_seq_len, lora_rank=workload.lora_rank, lora_dropout=0.0,
         quantization_bit=workload.quantization_bit,
         deepspeed="zero2" if get_method(workload.method).distributed_optimizer else None, lr=workload.learning_rate,
         batch_size=workload.batch_size, grad_accum=workload.grad_accum, max_steps=workload.total_steps,
-        logging_steps=1, save_steps=workload.total_steps + 1, seed=workload.seed, padding="fixed",
+        logging_steps=1, save_steps=workload.total_steps + 1, seed=workload.seed, padding=workload.padding,
         gradient_checkpointing=workload.gradient_checkpointing, nproc=nproc, master_port=master_port,
     )
 
@@ -97,11 +129,17 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
         args = training_arguments(options, backend, dtype, world_size)
         backend.seed(workload.seed)
         model = build_model(options, backend, dtype, local_rank, shape=None if workload.from_directory else shape)
-        data = Dataset.from_dict(synthetic_rows(workload, shape))
-        log = StepLog()
+        rows = synthetic_rows(workload, shape)
+        if workload.packing:
+            length = workload.packed_length
+            data = Dataset.from_dict(pack_rows(rows["input_ids"], rows["labels"], length))
+            collator = PackedCollator(0, length)
+        else:
+            data, collator = Dataset.from_dict(rows), TrainCollator(0, workload.padding, workload.seq_length)
+        log, counter = StepLog(), BatchCounter(collator)
         trainer = GlmTrainer(model=model, args=args, train_dataset=data, method=get_method(workload.method),
-                             data_collator=TrainCollator(0, "fixed", workload.seq_length),
-                             callbacks=[StepTimer(backend, log)])
+                             data_collator=counter, callbacks=[StepTimer(backend, log, counter)],
+                             **token_weighted_loss(model))
         trainer.train()
     peaks = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
     leave_process_group()
@@ -117,8 +155,8 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
              peak_tflops: Optional[float]) -> dict[str, Any]:
     measured = log.times[workload.warmup:]
     seconds = sum(measured)
-    samples = len(measured) * workload.batch_size * workload.grad_accum * workload.world_size
-    tokens = samples * workload.seq_length
+    first, last = log.drawn[workload.warmup], log.drawn[-1]
+    samples, tokens, positions = ((b - a) * workload.world_size for a, b in zip(first, last))
     per_token = training_flops_per_token(shape, get_method(workload.method), workload.seq_length, prefix, trainable)
     device_name = (backend.device_names() or [""])[0]
     peak = backend.peak_tflops(dtype, device_name, peak_tflops)
@@ -132,6 +170,7 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
             "samples_per_s": round(samples / seconds, 4),
             "tokens_per_s": round(tokens / seconds, 2),
             "tokens_per_s_per_device": round(tokens_per_device, 2),
+            "padding_fraction": round(1 - tokens / positions, 4) if positions else None,
             "step_time_s": {"p50": round(statistics.median(measured), 6), "p90": round(quantiles[8], 6),
                             "mean": round(seconds / len(measured), 6)},
             "measured_steps": len(measured),
@@ -143,6 +182,16 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
             "grad_norms": [log.grad_norms.get(step) for step in range(1, workload.total_steps + 1)],
         },
     }
+
+
+def _thudm_style(options: BenchOptions, backend: Backend, dtype_name: Optional[str]) -> dict[str, Any]:
+    """The same rows trained THUDM's way, measured first: the directory's own model code (patched) and batches padded
+    to source + target."""
+    check_remote_dir(Path(options.shape))
+    thudm = Workload(**{spec.name: getattr(options, spec.name) for spec in fields(Workload)})
+    thudm.impl, thudm.padding, thudm.packing, thudm.pack_length = "remote", "fixed", False, None
+    measured = run_bench(thudm, backend, dtype_name, options.peak_tflops)
+    return {"workload": thudm.as_record(), "results": measured["results"]}
 
 
 def bench(options: BenchOptions, backend: Backend) -> Optional[dict]:
@@ -170,10 +219,15 @@ def bench(options: BenchOptions, backend: Backend) -> Optional[dict]:
             raise TrainingStopped(f"the benchmark processes failed (exit code {code}); see their output above")
         return read_json_object(out)
     workload.world_size = world()[2]
+    thudm = _thudm_style(options, backend, dtype_name) if options.compare_thudm else None
     measured = run_bench(workload, backend, dtype_name, options.peak_tflops)
     if measured is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     record = build_record(options.name, workload, measured, patches=list(APPLIED.names))
+    if thudm is not None:
+        record["thudm_style"] = thudm
+        record["results"]["ratio_to_thudm_style"] = {
+            key: round(measured["results"][key] / thudm["results"][key], 3) for key in ("samples_per_s", "tokens_per_s")}
     write_json_object(out, record)
     return record

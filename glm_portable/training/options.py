@@ -54,6 +54,8 @@ class TrainOptions:
                                         "others' default).")
     packing: bool = option(False, "Pack whole rows into fixed-length sequences (no padding; positions restart and "
                            "attention stays inside each row). ChatGLM2/3, native.")
+    pack_length: Optional[int] = option(None, "Tokens per packed sequence (default: the data's longest row, "
+                                        "max_source + max_target + 1); longer ones fill better.", minimum=1)
     group_by_length: bool = option(False, "Batch rows of similar length together (less padding without packing).")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
     compile: bool = option(False, "torch.compile the model (inductor: fused norm, rotary and SwiGLU kernels; the "
@@ -85,6 +87,8 @@ class TrainOptions:
         if self.packing and self.impl == "remote":
             raise UserError("--packing with --impl remote: a model directory's own code cannot keep attention inside "
                             "each packed row; use --impl native")
+        if self.pack_length is not None and not self.packing:
+            raise UserError("--pack-length needs --packing")
         if self.packing and self.group_by_length:
             raise UserError("--packing and --group-by-length: packed sequences all have one length; choose one")
         if self.deepspeed is not None and not method.distributed_optimizer:

@@ -21,7 +21,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # max_steps is not among them: resuming with a larger one extends the run.
 IDENTITY_KEYS = ("model", "data", "method", "pre_seq_len", "prefix_projection", "lora_rank", "lora_alpha",
                  "lora_target", "lr", "batch_size", "grad_accum", "seed", "warmup_steps", "deepspeed", "quantization_bit",
-                 "packing", "group_by_length")
+                 "packing", "pack_length", "group_by_length")
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -223,8 +223,12 @@ def training_batches(options: TrainOptions, dataset: Any, tokenizer: Any, manife
     if is_first_generation(read_json_object(Path(options.model) / "config.json")):
         raise UserError("--packing: ChatGLM-6B's 2-D positions and prefix-LM attention are not packed; train it "
                         "without --packing")
-    packed = pack_rows(dataset["input_ids"], dataset["labels"], length)
-    return Dataset.from_dict(packed), PackedCollator(tokenizer.pad_token_id, length)
+    pack_length = options.pack_length or length
+    if pack_length < length:
+        raise UserError(f"--pack-length {pack_length}: the data's rows reach {length} tokens "
+                        f"({options.data}/manifest.json); give at least that")
+    packed = pack_rows(dataset["input_ids"], dataset["labels"], pack_length)
+    return Dataset.from_dict(packed), PackedCollator(tokenizer.pad_token_id, pack_length)
 
 
 @dataclasses.dataclass

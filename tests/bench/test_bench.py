@@ -106,6 +106,51 @@ def test_a_quantized_base_is_part_of_the_workload(records, tmp_path):
     assert refused.returncode == 2 and "quantization_bit" in refused.stderr
 
 
+def test_varied_rows_count_their_real_tokens_and_packing_removes_the_padding(tmp_path):
+    base = [*QUICK, "--varied-lengths"]
+    cli("bench", *base, "--out", tmp_path / "fixed.json", "--name", "fixed")
+    fixed = read_record(tmp_path / "fixed.json")
+    cli("bench", *base, "--packing", "--pack-length", "128", "--out", tmp_path / "packed.json", "--name", "packed")
+    packed = read_record(tmp_path / "packed.json")
+    assert fixed["workload"]["varied_lengths"] and packed["workload"]["packing"]
+    assert 0.2 < fixed["results"]["padding_fraction"] < 0.5  # rows of 12..32 tokens in 32-token batches
+    assert packed["results"]["padding_fraction"] < 0.1
+    # a step of packed sequences carries more rows than the batch size
+    batch = packed["workload"]["batch_size"]
+    assert packed["results"]["samples_per_s"] * packed["results"]["step_time_s"]["mean"] > 1.5 * batch
+    assert fixed["results"]["samples_per_s"] * fixed["results"]["step_time_s"]["mean"] == pytest.approx(batch, rel=1e-4)
+    refused = cli("compare", tmp_path / "fixed.json", tmp_path / "packed.json", "--out", tmp_path / "r", check=False)
+    assert refused.returncode == 2 and "packing" in refused.stderr
+
+
+def test_synthetic_varied_rows_keep_the_prompt_end_and_stay_within_the_lengths():
+    workload = Workload(shape="tiny", source_length=16, target_length=32, varied_lengths=True, steps=4, warmup=0)
+    rows = synthetic_rows(workload, ChatGLM1Config(vocab_size=1000, num_layers=1, hidden_size=64,
+                                                   num_attention_heads=4, inner_hidden_size=128))
+    lengths = [len(r) for r in rows["input_ids"]]
+    assert min(lengths) >= 8 + 8 and max(lengths) <= 48 and len(set(lengths)) > 3
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        prompt = labels.count(-100)
+        assert 8 <= prompt <= 16 and ids[prompt - 2:prompt] == [130001, 130004]  # [gMASK] <sop> end the prompt
+
+
+def test_compare_thudm_runs_the_directorys_own_code_on_the_same_rows(tmp_path, tiny_dir):
+    from tests.patches.conftest import make_remote_dir
+
+    remote = make_remote_dir(tiny_dir, tmp_path / "remote")
+    cli("bench", "--shape", remote, *QUICK[2:], "--varied-lengths", "--padding", "dynamic", "--compare-thudm",
+              "--out", tmp_path / "c.json")
+    record = read_record(tmp_path / "c.json")
+    thudm = record["thudm_style"]
+    assert thudm["workload"]["impl"] == "remote" and thudm["workload"]["padding"] == "fixed"
+    assert record["workload"]["impl"] == "native" and record["workload"]["padding"] == "dynamic"
+    assert thudm["results"]["padding_fraction"] > record["results"]["padding_fraction"]
+    ratio = record["results"]["ratio_to_thudm_style"]["samples_per_s"]
+    assert ratio == pytest.approx(record["results"]["samples_per_s"] / thudm["results"]["samples_per_s"], rel=1e-2)
+    no_code = cli("bench", *QUICK, "--compare-thudm", "--out", tmp_path / "d.json", check=False)
+    assert no_code.returncode == 2 and "--compare-thudm: give a model directory" in no_code.stderr
+
+
 def test_a_file_that_is_no_record_is_named_with_its_missing_field(records, tmp_path):
     record = json.loads((records / "a.json").read_text())
     del record["results"]["losses"]
