@@ -16,23 +16,19 @@ On a GPU, ``--shape chatglm2-6b --device cuda --batch-size 16`` gives the 6B fig
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from bench_rounds import add_workload_arguments, alternate, emit
 
 from glm_portable.backends import select_backend
 from glm_portable.backends.kernels import REFERENCE_KERNELS
 from glm_portable.backends.quantized import quantize_weight
-from glm_portable.bench.options import Workload
-from glm_portable.bench.runner import run_bench
 from glm_portable.modeling import ChatGLM1Config, ChatGLMConfig, load_model, load_tokenizer, new_model
 from glm_portable.modeling.quantization import quantize_block_linears, state_bytes
-from glm_portable.schema import validate
 
 BITS = (None, 8, 4)
 UNQUANTIZED = "unquantized"
@@ -98,16 +94,7 @@ def kernel_times(device: Optional[str], rows: list[int], repeats: int = 5) -> li
 
 def training(args: argparse.Namespace) -> dict[str, Any]:
     backend = select_backend(args.device).backend
-    runs: dict[str, list[dict[str, Any]]] = {label(bits): [] for bits in BITS}
-    for _ in range(args.rounds):
-        for bits in BITS:
-            workload = Workload(shape=str(args.shape), method=args.method, batch_size=args.batch_size,
-                                source_length=args.source_length, target_length=args.target_length,
-                                pre_seq_len=args.pre_seq_len, steps=args.steps, warmup=args.warmup,
-                                quantization_bit=bits)
-            validate(workload)
-            runs[label(bits)].append(run_bench(workload, backend, args.dtype, None))
-            print(f"{label(bits)}: {runs[label(bits)][-1]['results']['samples_per_s']} samples/s", file=sys.stderr)
+    runs = alternate(args, str(args.shape), {label(bits): {"quantization_bit": bits} for bits in BITS}, backend)
     base = runs[UNQUANTIZED][0]["results"]["losses"]
     speed = {bits: statistics.median(r["results"]["samples_per_s"] for r in results) for bits, results in runs.items()}
     summary = {}
@@ -127,29 +114,16 @@ def training(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", required=True, help="a bench shape (tiny, 1b, chatglm2-6b, ...) or model directory")
-    parser.add_argument("--method", default="ptuning", choices=("ptuning", "lora"))
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--source-length", type=int, default=64)
-    parser.add_argument("--target-length", type=int, default=128)
-    parser.add_argument("--pre-seq-len", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_workload_arguments(parser, batch_size=4, pre_seq_len=16)
     parser.add_argument("--logits-model", type=Path, default=None, help="a model directory for the logit difference")
     parser.add_argument("--kernel-rows", default="1,16,256", help="rows of the kernel timing (comma-separated)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     report: dict[str, Any] = {"bytes": bytes_table()}
     report["kernel"] = kernel_times(args.device, [int(r) for r in args.kernel_rows.split(",") if r])
     if args.logits_model is not None:
         report["logits"] = logit_differences(args.logits_model)
     report["training"] = training(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
