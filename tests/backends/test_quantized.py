@@ -88,3 +88,21 @@ def test_910a_keeps_the_reference_quantized_matmul(fake_npu):
     q, scale = quantize_weight(torch.randn(8, 16), 8)
     kernels.quantized_matmul(torch.randn(2, 16, dtype=torch.float16), q, scale.half(), 8)
     assert not any(call[0] == "npu_weight_quant_batchmatmul" for call in fake_npu.STATE.calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not get_backend("cuda").is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,rows", [(8, 1), (8, 16), (8, 256), (4, 1), (4, 256)])
+def test_cuda_quantized_matmul_equals_the_reference(bits, rows):
+    backend = get_backend("cuda")
+    kernels = backend.kernels(torch.bfloat16)
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(512, 1024), bits)
+    q, scale = q.to(backend.device()), scale.to(backend.device())
+    x = torch.randn(rows, 1024, device=backend.device(), dtype=torch.bfloat16, requires_grad=True)
+    got = kernels.quantized_matmul(x, q, scale.bfloat16(), bits)
+    expected = REFERENCE_KERNELS.quantized_matmul(x.detach().float(), q, scale, bits)
+    assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    got.float().sum().backward()
+    assert torch.allclose(x.grad.float(), dequantize(q, scale, bits, torch.float32).sum(0).expand(rows, -1),
+                          rtol=2e-2, atol=2e-2)
