@@ -23,6 +23,9 @@ class EvalOptions:
     dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     batch_size: int = option(32, "Prompts generated together (left-padded, KV cache).", minimum=1)
+    cache: Optional[Literal["dynamic", "static"]] = option(None, "The decoding cache: growing, or preallocated (one "
+                                                           "shape every step; ChatGLM2/3). Default: static where the "
+                                                           "backend compiles per shape (NPU), else dynamic.")
     max_new_tokens: int = option(128, "Tokens generated per answer at most.", minimum=1)
     sample: bool = option(False, "Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy.")
     top_p: float = option(0.7, "Top-p when sampling.")

@@ -131,7 +131,9 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     if on_start:
         on_start(len(rows.prompts))
     started = time.perf_counter()
-    predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, settings, on_batch)
+    cache = options.cache or ("static" if backend.static_shapes else "dynamic")
+    predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, settings, on_batch,
+                                   static_cache=cache == "static")
     seconds = time.perf_counter() - started
     full = score(predictions, rows.full_references).summary()
     results = {**score(predictions, rows.references).summary(),
@@ -141,7 +143,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
                "settings": {"model": str(options.model), "checkpoint": str(options.checkpoint) if options.checkpoint else None,
                             "data": str(options.data), "device": backend.name, "impl": options.impl,
                             "quantization_bit": options.quantization_bit or quantization_bits(model),
-                            "batch_size": options.batch_size, "patches": list(APPLIED.names),
+                            "batch_size": options.batch_size, "cache": cache, "patches": list(APPLIED.names),
                             **asdict(settings)}}
     write_outputs(options.output, predictions, rows.references, results)
     return results

@@ -181,6 +181,19 @@ def build_attention_mask(
     return allowed[:, None], False
 
 
+def static_cache_mask(padding: Optional[torch.Tensor], batch: int, query_len: int, key_len: int, slots: int,
+                      device: torch.device) -> torch.Tensor:
+    """``[batch, 1, query_len, slots]``: ``build_attention_mask`` over the ``key_len`` slots written so far (the
+    queries being the last of them), the remaining slots of a preallocated cache closed."""
+    if key_len > slots:
+        raise ValueError(f"the static cache holds {slots} positions; this step needs {key_len}")
+    mask, _ = build_attention_mask(padding, query_len, key_len)
+    if mask is None:
+        mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+        mask = mask[None, None].expand(batch, 1, -1, -1)
+    return F.pad(mask, (0, slots - key_len), value=False)
+
+
 def packed_attention_mask(sequence_ids: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:
     """``[batch, 1, seq, prefix + seq]``: causal inside each packed row (equal ``sequence_ids``), the prefix open
     to every query: what each row would see alone."""
@@ -262,12 +275,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         sequence_ids: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[Cache]]:
         """``sequence_ids`` (packed training batches, with their restarting ``position_ids``): attention stays
-        inside each row, and the P-Tuning prefix is seen by all."""
+        inside each row, and the P-Tuning prefix is seen by all. A static cache (``StaticCache``, preallocated
+        keys) gets a mask over all its slots, the unwritten ones closed."""
         batch, seq = input_ids.shape
         hidden = self.embedding(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         prefix_len = self.pre_seq_len or 0
         prefix = self.prefix_key_values(batch, hidden.dtype) if prefix_len and past == 0 else None
         past_tokens = past - prefix_len if past else 0
@@ -283,6 +297,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if position_ids is None or attention_mask is not None or past:
                 raise ValueError("packed rows (sequence_ids) need their position_ids, and no attention_mask or cache")
             mask, causal = packed_attention_mask(sequence_ids, prefix_len if prefix is not None else 0), False
+        elif use_cache and getattr(past_key_values, "is_compileable", False):
+            mask, causal = static_cache_mask(padding, batch, seq, key_len, past_key_values.get_max_length(),
+                                             input_ids.device), False
         else:
             mask, causal = build_attention_mask(padding, seq, key_len)
         cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype)
@@ -352,6 +369,18 @@ def chunked_lm_loss(
     return _normalised(total, targets, num_items_in_batch)
 
 
+def generation_cache(past_key_values: Optional[Cache], cache: Optional[Cache]) -> Optional[Cache]:
+    """The cache ``generate()`` hands ``prepare_inputs_for_generation``: named ``cache`` since transformers 5.24,
+    ``past_key_values`` before. Missing it would make every step recompute the whole sequence."""
+    return past_key_values if past_key_values is not None else cache
+
+
+def tokens_in_cache(cache: Optional[Cache], prefix_len: Optional[int]) -> int:
+    """How many of the sequence's tokens the cache holds (its first ``prefix_len`` slots are the prefix)."""
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    return past - (prefix_len or 0) if past else 0
+
+
 class CausalLMForward:
     """The causal-LM forward both generations share: their ``transformer``, then their output head
     (``get_output_embeddings``), the loss and the cache."""
@@ -387,6 +416,8 @@ class CausalLMForward:
 class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, GenerationMixin):
     """The causal LM: ``transformer`` (ChatGLMModel) plus loss, logits slicing and generation hooks."""
 
+    decodes_on_static_cache = True  # see ``evaluation.generation``
+
     def __init__(self, config: ChatGLMConfig) -> None:
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
@@ -419,11 +450,12 @@ class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, G
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         use_cache: bool = True,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> dict:
         """Feed only the tokens the cache has not seen; the P-Tuning prefix occupies the first P cache slots."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        consumed = past - (self.config.pre_seq_len or 0) if past else 0
+        past_key_values = generation_cache(past_key_values, cache)
+        consumed = tokens_in_cache(past_key_values, self.config.pre_seq_len)
         model_inputs = {
             "input_ids": input_ids[:, consumed:],
             "attention_mask": attention_mask,

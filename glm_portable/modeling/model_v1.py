@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
 
 from .config import ChatGLM1Config
-from .model import CausalLMForward, ChatGLMPreTrainedModel
+from .model import CausalLMForward, ChatGLMPreTrainedModel, generation_cache, tokens_in_cache
 from .positions_v1 import v1_attention_mask, v1_position_ids
 from .prefix import PrefixEncoder, prefix_key_values
 from .quantization import QuantizedLinear
@@ -241,12 +241,13 @@ class ChatGLM1ForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, 
         past_key_values: Optional[Cache] = None,
         attention_mask: Optional[torch.Tensor] = None,
         use_cache: bool = True,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> dict:
         """Positions are recomputed from the whole sequence (so transformers' own position update, which would
         also move the position row, is not used); only the tokens the cache has not seen are fed."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        consumed = past - (self.config.pre_seq_len or 0) if past else 0
+        past_key_values = generation_cache(past_key_values, cache)
+        consumed = tokens_in_cache(past_key_values, self.config.pre_seq_len)
         positions = self.transformer.position_ids(input_ids, attention_mask)
         model_inputs = {
             "input_ids": input_ids[:, consumed:],

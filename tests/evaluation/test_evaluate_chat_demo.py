@@ -170,3 +170,33 @@ def test_an_unknown_bit_width_exits_2_on_every_command(tiny_dir, command, extra)
     out = subprocess.run([sys.executable, "-m", "glm_portable.cli", command, "--model", str(tiny_dir), *extra,
                           "--quantization-bit", "3"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--quantization-bit 3: expected one of 4, 8" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("pre_seq_len", [None, 4])
+def test_decoding_on_a_static_cache_gives_the_dynamic_caches_answers(tiny_dir, data_dir, pre_seq_len):
+    import datasets
+
+    model = load_model(tiny_dir, dtype="float32", device="cpu", pre_seq_len=pre_seq_len)
+    tok = load_tokenizer(tiny_dir)
+    prompts = [list(p) for p in datasets.load_from_disk(str(data_dir / "data" / "eval"))["input_ids"]][:6]
+    prompts.append(prompts[0][:5])  # a short row: left padding in the batch
+    settings = evaluation_settings(max_new_tokens=10)
+    dynamic = generate_batched(model, tok, prompts, 7, settings)
+    assert generate_batched(model, tok, prompts, 7, settings, static_cache=True) == dynamic
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "chatglm"])
+def test_generate_feeds_only_the_new_token_after_the_prompt(tiny_dir, tmp_path, family):
+    """transformers 5.24 hands generate's cache over as ``cache``; a model that missed it would recompute the whole
+    sequence at every step (right answers, quadratic cost)."""
+    from glm_portable.modeling.tiny import make_tiny_model
+
+    model_dir = tiny_dir if family == "chatglm3" else make_tiny_model(tmp_path / "v1", family="chatglm", seed=3)
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    tok = load_tokenizer(model_dir)
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    batch = tok.pad([tok.encode("你好"), tok.encode("类型#裙*颜色#红色")])
+    model.generate(**batch, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert widths[0] == batch["input_ids"].shape[1] and widths[1:] == [1, 1, 1]
