@@ -23,6 +23,9 @@ T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16", "float16"]
 _REQUIRED = dataclasses.MISSING
 DEVICE_HELP = "auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
+CacheKind = Literal["dynamic", "static"]
+CACHE_HELP = ("The decoding cache: growing, or preallocated (one shape every step; ChatGLM2/3 native). Default: "
+              "static where the backend compiles per shape (NPU), else dynamic.")
 QuantizationBit = Literal[4, 8]
 QUANTIZATION_HELP = ("Quantize the frozen base's block linear layers to 4 or 8 bits at load (THUDM's weight-only "
                      "scheme; docs/quantization.md). Default: unquantized, or a pre-quantized model's own bits.")

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from glm_portable.modeling import ChatGLMTokenizer, GenerationSettings
+from glm_portable.modeling.model import preallocated_cache
 
 
 def evaluation_settings(max_new_tokens: int = 128, sample: bool = False, top_p: float = 0.7,
@@ -53,17 +54,13 @@ def generate_batched(
 
 
 def _static_cache(model: torch.nn.Module, tokens: int) -> dict[str, object]:
-    """``past_key_values`` for ``generate``: a StaticCache with room for the prompt, the answer and the P-Tuning
-    prefix, for models that decode on one; nothing (the dynamic cache) for the others."""
-    inner = getattr(model, "get_base_model", lambda: model)()
-    if not getattr(inner, "decodes_on_static_cache", False):
-        return {}
-    from transformers import StaticCache
-
+    """``generate``'s cache argument (``cache`` since transformers 5.24) holding a preallocated cache, or nothing."""
     from glm_portable.patches import Context
 
-    name = "cache" if Context.current("cpu").at_least("transformers", "5.24") else "past_key_values"
-    return {name: StaticCache(config=inner.config, max_cache_len=tokens + (inner.config.pre_seq_len or 0))}
+    cache = preallocated_cache(model, tokens)
+    if cache is None:
+        return {}
+    return {"cache" if Context.current("cpu").at_least("transformers", "5.24") else "past_key_values": cache}
 
 
 def _until_stop(ids: list[int], stops: list[int]) -> list[int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
+from glm_portable.schema import (CACHE_HELP, DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, CacheKind, Dtype,
+                                 QuantizationBit, option)
 
 if TYPE_CHECKING:
     from glm_portable.modeling import GenerationSettings
@@ -23,9 +24,7 @@ class EvalOptions:
     dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     batch_size: int = option(32, "Prompts generated together (left-padded, KV cache).", minimum=1)
-    cache: Optional[Literal["dynamic", "static"]] = option(None, "The decoding cache: growing, or preallocated (one "
-                                                           "shape every step; ChatGLM2/3). Default: static where the "
-                                                           "backend compiles per shape (NPU), else dynamic.")
+    cache: Optional[CacheKind] = option(None, CACHE_HELP)
     max_new_tokens: int = option(128, "Tokens generated per answer at most.", minimum=1)
     sample: bool = option(False, "Sample like THUDM's scripts (top_p 0.7, temperature 0.95) instead of greedy.")
     top_p: float = option(0.7, "Top-p when sampling.")

@@ -375,6 +375,17 @@ def generation_cache(past_key_values: Optional[Cache], cache: Optional[Cache]) -
     return past_key_values if past_key_values is not None else cache
 
 
+def preallocated_cache(model: nn.Module, tokens: int) -> Optional[Cache]:
+    """A StaticCache with room for ``tokens`` and the P-Tuning prefix, for models that decode on one (ChatGLM2/3,
+    native; a peft wrapper is looked through); None for the others, which keep the growing cache."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    if not getattr(inner, "decodes_on_static_cache", False):
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=inner.config, max_cache_len=tokens + (inner.config.pre_seq_len or 0))
+
+
 def tokens_in_cache(cache: Optional[Cache], prefix_len: Optional[int]) -> int:
     """How many of the sequence's tokens the cache holds (its first ``prefix_len`` slots are the prefix)."""
     past = int(cache.get_seq_length()) if cache is not None else 0

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from glm_portable.errors import GlmPortableError
+from glm_portable.modeling.model import preallocated_cache
 
 STOP, LENGTH = "stop", "length"
 _UNFINISHED_BYTES = "\ufffd"
@@ -153,8 +154,11 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
 class GenerationEngine:
     """The worker thread and its queue; ``submit`` from any thread, ``stop`` to shut down."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 16, batch_wait_s: float = 0.005) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 16, batch_wait_s: float = 0.005,
+                 static_cache: bool = False) -> None:
+        """``static_cache``: decode each batch on a preallocated cache (one shape every step) where the model can."""
         self.model = model.eval()
+        self.static_cache = static_cache
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
@@ -235,8 +239,9 @@ class GenerationEngine:
         batch = {k: v.to(self.device) for k, v in self.tokenizer.pad([r.prompt_ids for r in requests]).items()}
         input_ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
         next_positions = self.tokenizer.advance_positions(positions)
-        past = None
-        for _ in range(max(r.sampling.max_new_tokens for r in requests)):
+        steps = max(r.sampling.max_new_tokens for r in requests)
+        past = preallocated_cache(self.model, input_ids.shape[1] + steps) if self.static_cache else None
+        for _ in range(steps):
             if self._stopping.is_set():
                 raise EngineStopped("the server shut down during generation")
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, Dtype, QuantizationBit, option
+from glm_portable.schema import (CACHE_HELP, DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, CacheKind, Dtype,
+                                 QuantizationBit, option)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ServeOptions:
     model_name: Optional[str] = option(None, "Name in /v1/models (default: the checkpoint's run, else the model "
                                        "directory's name).")
     max_batch_size: int = option(16, "Requests decoded together in one batch.", minimum=1)
+    cache: Optional[CacheKind] = option(None, CACHE_HELP)
     batch_wait_ms: float = option(5.0, "How long the first request of a batch waits for others to join.",
                                   minimum=0, maximum=10_000)
     max_new_tokens: int = option(256, "Tokens a request gets when it sets no max_tokens, and the most it may ask.",

@@ -45,7 +45,9 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     tokenizer = load_tokenizer(options.model)
     model = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl,
                                options.quantization_bit)
-    engine = GenerationEngine(model, tokenizer, options.max_batch_size, options.batch_wait_ms / 1000)
+    cache = options.cache or ("static" if selection.backend.static_shapes else "dynamic")
+    engine = GenerationEngine(model, tokenizer, options.max_batch_size, options.batch_wait_ms / 1000,
+                              static_cache=cache == "static")
     settings = ServerSettings(model_name=options.served_name(), max_new_tokens=options.max_new_tokens,
                               temperature=options.temperature, top_p=options.top_p,
                               max_length=getattr(model.config, "seq_length", None), api_key=options.api_key)

@@ -38,13 +38,14 @@ def ask_together(engine, tokenizer, questions, sampling):
     return answers
 
 
-@pytest.mark.parametrize("method", [None, "lora", "ptuning"])
-def test_a_batch_answers_as_chat_does_one_at_a_time(remote_base, runs, method):
+@pytest.mark.parametrize("method,static_cache", [(None, False), ("lora", False), ("ptuning", False), (None, True),
+                                                 ("ptuning", True)])
+def test_a_batch_answers_as_chat_does_one_at_a_time(remote_base, runs, method, static_cache):
     model = load_for_inference(remote_base, runs[method] if method else None, get_backend("cpu"), "float32")
     tokenizer = load_tokenizer(remote_base)
     alone = {q: chat(model, tokenizer, q, settings=GenerationSettings(max_new_tokens=12, do_sample=False))[0]
              for q in QUESTIONS}
-    engine = GenerationEngine(model, tokenizer, max_batch_size=8, batch_wait_s=0.2).start()
+    engine = GenerationEngine(model, tokenizer, max_batch_size=8, batch_wait_s=0.2, static_cache=static_cache).start()
     try:
         assert ask_together(engine, tokenizer, QUESTIONS, Sampling(12, temperature=0)) == alone
         assert engine.batches == 1
