@@ -302,7 +302,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                              input_ids.device), False
         else:
             mask, causal = build_attention_mask(padding, seq, key_len)
-        cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype)
+        cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype, limit=past_tokens + seq)
         hidden = self.encoder(hidden, cos, sin, mask, causal, prefix, past_key_values if use_cache else None)
         return hidden, past_key_values if use_cache else None
 

@@ -15,8 +15,10 @@ class RotaryEmbedding(nn.Module):
     """Angle tables for given positions.
 
     ``inv_freq`` is a persistent buffer only because upstream checkpoints carry it under
-    ``transformer.rotary_pos_emb.inv_freq``; the angles are recomputed in fp32 from the base
-    (times ``rope_ratio``), as ChatGLM3 does, and cast to the model dtype like upstream's cache.
+    ``transformer.rotary_pos_emb.inv_freq``; the angles are computed in fp32 from the base (times
+    ``rope_ratio``), as ChatGLM3 does, and cast to the model dtype like upstream's cache. They are
+    kept, per device and dtype, in a table that grows (doubling) to the longest sequence seen, so a
+    forward looks its positions up instead of recomputing cos and sin.
     """
 
     def __init__(self, rotary_dims: int, rope_ratio: float = 1.0) -> None:
@@ -24,18 +26,29 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dims = rotary_dims
         self.base = 10000.0 * rope_ratio
         self.register_buffer("inv_freq", rotary_inv_freq(rotary_dims), persistent=True)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset_inv_freq(self) -> None:
         self.inv_freq = rotary_inv_freq(self.rotary_dims).to(self.inv_freq.device, self.inv_freq.dtype)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each ``[batch, seq, rotary_dims/2]``, for integer positions ``[batch, seq]``."""
-        theta = rotary_inv_freq(self.rotary_dims, self.base).to(positions.device)
-        angles = positions.to(torch.float32)[..., None] * theta
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        if dtype in (torch.float16, torch.bfloat16):
-            cos, sin = cos.to(dtype), sin.to(dtype)
+    def _table(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or cos.shape[0] < length:
+            size = max(length, 2 * cos.shape[0] if cos is not None else 256)
+            theta = rotary_inv_freq(self.rotary_dims, self.base).to(device)
+            angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * theta
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            if dtype in (torch.float16, torch.bfloat16):
+                cos, sin = cos.to(dtype), sin.to(dtype)
+            self._tables[key] = cos, sin
         return cos, sin
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each ``[batch, seq, rotary_dims/2]``, for integer positions ``[batch, seq]`` below
+        ``limit`` (the caller's bound, known without reading the positions from the device)."""
+        cos, sin = self._table(positions.device, dtype, limit)
+        return cos[positions], sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from glm_portable.training.trainer import run_training
 from tests.training.test_deepspeed import _cli
 from tests.modeling.reference_chatglm_v1 import positions_and_mask, reference_logits
 from tests.serving.test_engine import ask_together
+from tests.conftest import free_port
 
 ASSETS = Path(os.environ.get("GLM_PORTABLE_ASSETS", Path(__file__).resolve().parents[3] / "shared" / "assets"))
 REAL_ICE_TEXT = ASSETS / "tokenizers" / "chatglm-6b.ice_text.model"
@@ -201,7 +202,7 @@ def test_lora_and_full_fine_tuning_train(v1_dir, v1_data, tmp_path):
     assert set(adapter["target_modules"]) >= {"query_key_value"}
     done = _cli("--model", v1_dir, "--data", v1_data, "--output", tmp_path / "full", "--method", "full",
                 "--deepspeed", "zero2", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "16", "--logging-steps", "4",
-                "--save-steps", "16", "--device", "cpu")
+                "--save-steps", "16", "--device", "cpu", "--master-port", free_port())
     assert done.returncode == 0, done.stderr[-2000:]
     full = [m["loss"] for m in read_metrics(tmp_path / "full")]
     assert full[-1] < full[0]

@@ -108,11 +108,22 @@ def test_prefix_matches_upstream_and_cache(tiny2_dir, tokenizer):
     torch.testing.assert_close(step.logits, ours[:, -2:], atol=1e-5, rtol=1e-5)
 
 
+def test_rotary_tables_grow_past_their_first_size_and_equal_direct_angles():
+    rotary = RotaryEmbedding(rotary_dims=8)
+    positions = torch.tensor([[3, 255, 256, 700]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rotary(positions, dtype, limit=701)
+        angles = positions.float()[..., None] * rotary.inv_freq
+        torch.testing.assert_close(cos, torch.cos(angles).to(dtype))
+        torch.testing.assert_close(sin, torch.sin(angles).to(dtype))
+    assert {table[0].shape[0] for table in rotary._tables.values()} == {701}
+
+
 def test_rotary_matches_complex_rotation_on_first_half_only():
     rotary = RotaryEmbedding(rotary_dims=8, rope_ratio=2.0)
     x = torch.randn(1, 1, 3, 16)
     positions = torch.tensor([[0, 5, 9]])
-    cos, sin = rotary(positions, torch.float32)
+    cos, sin = rotary(positions, torch.float32, limit=10)
     out = apply_rotary(x, cos, sin)
     torch.testing.assert_close(out[..., 8:], x[..., 8:])
     for s, pos in enumerate(positions[0].tolist()):
