@@ -89,6 +89,11 @@ class Backend:
         graph compile (``static_shapes``), else to each batch's longest row."""
         return "fixed" if self.static_shapes else "dynamic"
 
+    def default_cache(self) -> str:
+        """The decoding cache unless asked: preallocated (one shape every step) where every new shape costs a
+        graph compile, else the growing one."""
+        return "static" if self.static_shapes else "dynamic"
+
     def deepspeed_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The precision DeepSpeed trains in: the requested one on an accelerator, fp32 on the host (DeepSpeed's
         CPU accelerator has no half-precision training)."""

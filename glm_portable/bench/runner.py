@@ -10,7 +10,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -32,8 +31,8 @@ from glm_portable.schema import to_argv
 from glm_portable.training.launcher import LAUNCH_FIELDS, is_launched_child, launch, trainable_parameters
 from glm_portable.training.methods import build_model, get_method
 from glm_portable.training.options import TrainOptions
-from glm_portable.training.trainer import (GlmTrainer, gather_from_ranks, leave_process_group, token_weighted_loss,
-                                           training_arguments, world)
+from glm_portable.training.trainer import (BatchCounter, GlmTrainer, gather_from_ranks, leave_process_group,
+                                           token_weighted_loss, training_arguments, world)
 
 from .flops import mfu, training_flops_per_token
 from .record import build_record
@@ -50,27 +49,6 @@ class StepLog:
     losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
     drawn: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-class BatchCounter:
-    """Wraps a collator to count rows (a packed sequence holds several), real tokens and computed positions of the
-    batches the steps consumed: the data loader fetches ahead, so a batch counts when its step ends (``consume``)."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-        self.pending: deque[tuple[int, int, int]] = deque()
-        self.rows = self.tokens = self.positions = 0
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collator(items)
-        rows = sum(item["position_ids"].count(0) if "position_ids" in item else 1 for item in items)
-        self.pending.append((rows, sum(len(item["input_ids"]) for item in items), batch["input_ids"].numel()))
-        return batch
-
-    def consume(self, batches: int) -> None:
-        for _ in range(min(batches, len(self.pending))):
-            rows, tokens, positions = self.pending.popleft()
-            self.rows, self.tokens, self.positions = self.rows + rows, self.tokens + tokens, self.positions + positions
 
 
 class StepTimer(TrainerCallback):

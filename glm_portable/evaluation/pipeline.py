@@ -131,7 +131,7 @@ def evaluate(options: EvalOptions, backend: Backend, model: Optional[torch.nn.Mo
     if on_start:
         on_start(len(rows.prompts))
     started = time.perf_counter()
-    cache = options.cache or ("static" if backend.static_shapes else "dynamic")
+    cache = options.cache or backend.default_cache()
     predictions = generate_batched(model, tokenizer, rows.prompts, options.batch_size, settings, on_batch,
                                    static_cache=cache == "static")
     seconds = time.perf_counter() - started

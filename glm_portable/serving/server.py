@@ -45,7 +45,7 @@ def serve(options: ServeOptions, on_ready: Callable[[str, str], None]) -> None:
     tokenizer = load_tokenizer(options.model)
     model = load_for_inference(options.model, options.checkpoint, selection.backend, options.dtype, options.impl,
                                options.quantization_bit)
-    cache = options.cache or ("static" if selection.backend.static_shapes else "dynamic")
+    cache = options.cache or selection.backend.default_cache()
     engine = GenerationEngine(model, tokenizer, options.max_batch_size, options.batch_wait_ms / 1000,
                               static_cache=cache == "static")
     settings = ServerSettings(model_name=options.served_name(), max_new_tokens=options.max_new_tokens,

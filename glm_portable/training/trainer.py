@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,16 +48,25 @@ THUDM_RESULT_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_p
 ALL_RESULTS, TRAINER_STATE = "all_results.json", "trainer_state.json"  # where THUDM's scripts leave them
 
 
-class CountingCollator:
-    """Wraps the collator to count the real (unpadded) tokens each batch carries, for tokens/s."""
+class BatchCounter:
+    """Wraps a collator to count rows (a packed sequence holds several), real tokens and computed positions of the
+    batches the steps consumed: the data loader fetches ahead, so a batch counts when its step ends (``consume``)."""
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]) -> None:
         self.collator = collator
-        self.tokens = 0
+        self.pending: deque[tuple[int, int, int]] = deque()
+        self.rows = self.tokens = self.positions = 0
 
-    def __call__(self, rows):
-        self.tokens += sum(len(r["input_ids"]) for r in rows)
-        return self.collator(rows)
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(items)
+        rows = sum(item["position_ids"].count(0) if "position_ids" in item else 1 for item in items)
+        self.pending.append((rows, sum(len(item["input_ids"]) for item in items), batch["input_ids"].numel()))
+        return batch
+
+    def consume(self, batches: int) -> None:
+        for _ in range(min(batches, len(self.pending))):
+            rows, tokens, positions = self.pending.popleft()
+            self.rows, self.tokens, self.positions = self.rows + rows, self.tokens + tokens, self.positions + positions
 
 
 class GlmTrainer(Trainer):
@@ -121,33 +131,35 @@ class GlmTrainer(Trainer):
 
 
 class RunCallback(TrainerCallback):
-    """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s)."""
+    """metrics.jsonl lines (step, loss, lr, grad_norm, samples/s, tokens/s): samples are rows, tokens real ones, as
+    the steps consumed them."""
 
-    def __init__(self, run_dir: Path, collator: CountingCollator, world_size: int) -> None:
+    def __init__(self, run_dir: Path, counter: BatchCounter, world_size: int) -> None:
         self.run_dir = run_dir
-        self.collator = collator
+        self.counter = counter
         self.world_size = world_size
         self.last_time = time.perf_counter()
-        self.last_step = 0
-        self.last_tokens = 0
+        self.last_rows = self.last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_step, self.last_tokens = time.perf_counter(), state.global_step, self.collator.tokens
+        self.last_time, self.last_rows, self.last_tokens = time.perf_counter(), self.counter.rows, self.counter.tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counter.consume(args.gradient_accumulation_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        steps = max(state.global_step - self.last_step, 1)
         elapsed = max(now - self.last_time, 1e-9)
-        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
-        tokens = (self.collator.tokens - self.last_tokens) * self.world_size
+        samples = (self.counter.rows - self.last_rows) * self.world_size
+        tokens = (self.counter.tokens - self.last_tokens) * self.world_size
         row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                "grad_norm": logs.get("grad_norm"), "samples_per_s": round(samples / elapsed, 3),
                "tokens_per_s": round(tokens / elapsed, 1), "epoch": logs.get("epoch")}
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(strict_json(row) + "\n")
-        self.last_time, self.last_step, self.last_tokens = now, state.global_step, self.collator.tokens
+        self.last_time, self.last_rows, self.last_tokens = now, self.counter.rows, self.counter.tokens
 
 
 def logits_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Optional[Any] = None) -> torch.Tensor:
@@ -271,7 +283,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
         padding = "packed" if options.packing else options.padding or backend.default_padding()
         rows = len(dataset)
         dataset, batches = training_batches(options, dataset, tokenizer, manifest, padding)
-        collator = CountingCollator(batches)
+        collator = BatchCounter(batches)
         callback = RunCallback(options.output, collator, world_size)
         trainer = GlmTrainer(model=model, args=args,
                              train_dataset=dataset, data_collator=collator, callbacks=[callback], method=get_method(options.method),

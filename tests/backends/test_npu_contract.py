@@ -52,6 +52,7 @@ def test_dtype_policy_bf16_on_a2_fp16_with_loss_scaling_on_910a(fake_npu):
     assert npu.default_dtype() == torch.float16
     assert npu.needs_loss_scaling(npu.default_dtype())
     assert npu.peak_tflops(torch.float16) == 256.0
+    assert (npu.default_padding(), npu.default_cache()) == ("fixed", "static")  # graph mode compiles per shape
 
 
 def test_seed_reaches_the_device_generators(fake_npu):

@@ -52,6 +52,7 @@ def test_cpu_policy():
     assert cpu.child_env([0, 1]) == {"DS_ACCELERATOR": "cpu"}
     assert not cpu.needs_loss_scaling(torch.bfloat16)
     assert cpu.memory_stats().peak_allocated > 0
+    assert (cpu.default_padding(), cpu.default_cache()) == ("dynamic", "dynamic")
 
 
 def test_prepare_process_pins_the_deepspeed_accelerator(monkeypatch, fake_npu):

@@ -131,3 +131,16 @@ def test_chatglm_6b_is_not_packed(tmp_path):
     out = _train(["--model", v1, "--data", tmp_path / "data", "--output", tmp_path / "run", "--packing"])
     assert out.returncode == 2 and "ChatGLM-6B's 2-D positions" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_the_batch_counter_counts_rows_tokens_and_positions_when_a_step_consumes_them():
+    from glm_portable.training.trainer import BatchCounter
+
+    counter = BatchCounter(PackedCollator(pad_token_id=0, length=8))
+    pack = {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "position_ids": [0, 1, 2, 0, 1]}
+    counter([pack, pack])
+    counter([pack])  # fetched ahead by the data loader: not consumed yet
+    counter.consume(1)
+    assert (counter.rows, counter.tokens, counter.positions) == (4, 10, 16)
+    counter.consume(5)  # the last step takes what is left, no more
+    assert (counter.rows, counter.tokens, counter.positions) == (6, 15, 24)
