@@ -23,6 +23,8 @@ T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16", "float16"]
 _REQUIRED = dataclasses.MISSING
 DEVICE_HELP = "auto|cpu|cuda|npu (default: $GLM_PORTABLE_DEVICE, else auto: NPU, then GPU, then CPU)"
+CHECKPOINT_HELP = "A run directory or checkpoint: prefix, LoRA adapter or full model."
+MODEL_DTYPE_HELP = "Model dtype (default: the backend's)."
 CacheKind = Literal["dynamic", "static"]
 CACHE_HELP = ("The decoding cache: growing, or preallocated (one shape every step; ChatGLM2/3 native). Default: "
               "static where the backend compiles per shape (NPU), else dynamic.")

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import (CACHE_HELP, DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, CacheKind, Dtype,
-                                 QuantizationBit, option)
+from glm_portable.schema import (CACHE_HELP, CHECKPOINT_HELP, DEVICE_HELP, IMPL_HELP, MODEL_DTYPE_HELP,
+                                 QUANTIZATION_HELP, CacheKind, Dtype, QuantizationBit, option)
 
 if TYPE_CHECKING:
     from glm_portable.modeling import GenerationSettings
@@ -19,9 +19,9 @@ class EvalOptions:
     model: Path = option(help="Base model directory.")
     data: Path = option(help="A preprocessed directory (its eval split) or a raw JSON/JSONL file.")
     output: Path = option(help="Where generated_predictions.txt and eval_results.json go.")
-    checkpoint: Optional[Path] = option(None, "A run directory or checkpoint: prefix, LoRA adapter or full model.")
+    checkpoint: Optional[Path] = option(None, CHECKPOINT_HELP)
     device: Optional[str] = option(None, DEVICE_HELP)
-    dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    dtype: Optional[Dtype] = option(None, MODEL_DTYPE_HELP)
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     batch_size: int = option(32, "Prompts generated together (left-padded, KV cache).", minimum=1)
     cache: Optional[CacheKind] = option(None, CACHE_HELP)

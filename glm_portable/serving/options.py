@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from glm_portable.errors import UserError
-from glm_portable.schema import (CACHE_HELP, DEVICE_HELP, IMPL_HELP, QUANTIZATION_HELP, CacheKind, Dtype,
-                                 QuantizationBit, option)
+from glm_portable.schema import (CACHE_HELP, CHECKPOINT_HELP, DEVICE_HELP, IMPL_HELP, MODEL_DTYPE_HELP,
+                                 QUANTIZATION_HELP, CacheKind, Dtype, QuantizationBit, option)
 
 
 @dataclass
 class ChatOptions:
     model: Path = option(help="Base model directory.")
-    checkpoint: Optional[Path] = option(None, "A run directory or checkpoint: prefix, LoRA adapter or full model.")
+    checkpoint: Optional[Path] = option(None, CHECKPOINT_HELP)
     query: Optional[str] = option(None, "Answer this one question, print the answer and exit.")
     device: Optional[str] = option(None, DEVICE_HELP)
-    dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    dtype: Optional[Dtype] = option(None, MODEL_DTYPE_HELP)
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     max_new_tokens: int = option(256, "Tokens an answer gets at most.", minimum=1)
     greedy: bool = option(False, "Greedy decoding instead of ChatGLM's sampling (top_p 0.8, temperature 0.8).")
@@ -34,10 +34,10 @@ class ChatOptions:
 @dataclass
 class ServeOptions:
     model: Path = option(help="Base model directory.")
-    checkpoint: Optional[Path] = option(None, "A run directory or checkpoint: prefix, LoRA adapter or full model.")
+    checkpoint: Optional[Path] = option(None, CHECKPOINT_HELP)
     impl: Literal["native", "remote"] = option("native", IMPL_HELP)
     device: Optional[str] = option(None, DEVICE_HELP)
-    dtype: Optional[Dtype] = option(None, "Model dtype (default: the backend's).")
+    dtype: Optional[Dtype] = option(None, MODEL_DTYPE_HELP)
     quantization_bit: Optional[QuantizationBit] = option(None, QUANTIZATION_HELP)
     host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 opens the server to the network.")
     port: int = option(8000, "Port to listen on (0: any free port, printed at start).", minimum=0, maximum=65535)
