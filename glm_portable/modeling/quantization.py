@@ -37,11 +37,15 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernels: Kernels = PORTABLE_KERNELS
 
+    def quantized(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 weight, scale) of a full-precision ``[out, in]`` weight, computed on this layer's device."""
+        return quantize_weight(weight.to(self.weight.device), self.bits)
+
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision ``[out, in]`` weight into this layer (on this layer's device)."""
+        """Quantize a full-precision ``[out, in]`` weight into this layer."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} for a {self.in_features}→{self.out_features} layer")
-        q, scale = quantize_weight(weight.to(self.weight.device), self.bits)
+        q, scale = self.quantized(weight)
         with torch.no_grad():
             self.weight.copy_(q)
             self.weight_scale.copy_(scale)
@@ -96,7 +100,7 @@ def quantizing_transform(model: nn.Module) -> Callable[[str, torch.Tensor], dict
             return {key: tensor}
         if tuple(tensor.shape) != (layer.out_features, layer.in_features):
             return {key: tensor}  # load_weights reports the shape mismatch
-        q, scale = quantize_weight(tensor.to(layer.weight.device), layer.bits)
+        q, scale = layer.quantized(tensor)
         return {key: q, key + SCALE_SUFFIX: scale}
 
     return transform
