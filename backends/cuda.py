@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
 
 from .base import Availability, Backend
+from .kernels import PORTABLE_KERNELS, Kernels
+from .varlen import flash_varlen_attention_fn
+
+FLASH_MIN_CAPABILITY = (8, 0)  # flash attention's kernels: Ampere and newer
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets; override with --peak-tflops.
 CUDA_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -41,3 +45,12 @@ class CudaBackend(Backend):
             visible = os.environ.get(self.visible_devices_var or "", "<unset>")
             return Availability(False, f"no CUDA device visible (driver missing or CUDA_VISIBLE_DEVICES={visible})")
         return Availability(True)
+
+    def kernels(self, dtype: torch.dtype | None = None) -> Kernels:
+        """SDPA for padded rows (torch picks flash, cuDNN or memory-efficient); packed rows through torch's flash
+        varlen kernel where it runs (half dtypes, Ampere or newer, a torch that has it), else the block mask."""
+        varlen = flash_varlen_attention_fn()
+        if (varlen is None or dtype not in (torch.float16, torch.bfloat16) or not self.is_available()
+                or torch.cuda.get_device_capability() < FLASH_MIN_CAPABILITY):
+            return PORTABLE_KERNELS
+        return replace(PORTABLE_KERNELS, name="cuda (sdpa, flash varlen)", packed_attention=varlen)

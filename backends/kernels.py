@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .quantized import QuantizedMatmulFn, reference_quantized_matmul, weight_only_quantized_matmul
+from .varlen import PackedAttentionFn, reference_varlen_attention
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool, float], torch.Tensor]
 RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -25,13 +26,15 @@ RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 @dataclass(frozen=True)
 class Kernels:
     """The kernel choices a backend makes; the model calls these and nothing device-specific.
-    ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``); ``static_shapes``:
-    the device compiles a graph per input shape, so the model avoids data-dependent shapes."""
+    ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``); ``packed_attention``
+    attends within packed rows (``backends.varlen``), None where the dense block mask is the better path;
+    ``static_shapes``: the device compiles a graph per input shape, so the model avoids data-dependent shapes."""
 
     name: str
     attention: AttentionFn
     rms_norm: RMSNormFn
     quantized_matmul: QuantizedMatmulFn = weight_only_quantized_matmul
+    packed_attention: Optional[PackedAttentionFn] = None
     static_shapes: bool = False
 
 
@@ -103,3 +106,5 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 PORTABLE_KERNELS = Kernels(name="portable (sdpa)", attention=sdpa_attention, rms_norm=reference_rms_norm)
 REFERENCE_KERNELS = Kernels(name="reference (eager)", attention=eager_attention, rms_norm=reference_rms_norm,
                             quantized_matmul=reference_quantized_matmul)
+VARLEN_REFERENCE_KERNELS = Kernels(name="portable (sdpa, a packed row at a time)", attention=sdpa_attention,
+                                   rms_norm=reference_rms_norm, packed_attention=reference_varlen_attention)

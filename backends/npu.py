@@ -9,6 +9,7 @@ import glob
 import importlib
 import os
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Mapping, Optional
@@ -18,6 +19,7 @@ import torch
 from .base import Availability, Backend
 from .kernels import Kernels, reference_rms_norm, sdpa_attention
 from .quantized import npu_weight_quant_matmul, reference_quantized_matmul
+from .varlen import PackedRows, from_varlen, to_varlen
 
 CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit",
               "/opt/Ascend/ascend-toolkit/latest")
@@ -118,8 +120,8 @@ class NpuBackend(Backend):
         return env
 
     def kernels(self, dtype: torch.dtype | None = None) -> Kernels:
-        """Fused attention and the weight-only quantized matmul where the hardware has them (A2, half dtypes),
-        npu_rms_norm everywhere."""
+        """Fused attention (padded and packed rows) and the weight-only quantized matmul where the hardware has
+        them (A2, half dtypes), npu_rms_norm everywhere."""
         module = self.torch_npu()
         if module is None:
             return super().kernels(dtype)
@@ -129,21 +131,47 @@ class NpuBackend(Backend):
             attention=_npu_fusion_attention(module) if fused else sdpa_attention,
             rms_norm=_npu_rms_norm(module),
             quantized_matmul=npu_weight_quant_matmul(module) if fused else reference_quantized_matmul,
+            packed_attention=_npu_varlen_attention(module) if fused else None,
             static_shapes=self.static_shapes,
         )
 
 
+COMPRESSED_MASK_SIZE = 2048  # the causal sparse modes take this fixed mask whatever the sequence lengths
+RIGHT_DOWN_CAUSAL = 3  # sparse_mode: query i of Sq sees keys up to i + Skv - Sq
+
+
+@lru_cache(maxsize=8)
+def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
+    """The 2048x2048 upper-triangle mask (True = blocked) the causal sparse modes take, built once per device."""
+    return torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
+
+
 def _npu_fusion_attention(module: ModuleType):
     def attention(q, k, v, mask, causal, scale):
-        """npu_fusion_attention in BNSD layout (it takes grouped K/V as is); its mask is True where *blocked*."""
-        q_len, kv_len = q.shape[-2], k.shape[-2]
+        """npu_fusion_attention in BNSD layout (it takes grouped K/V as is). Causal attention without a mask is
+        its right-down causal sparse mode, so no dense mask is built; a given mask is passed as True where
+        *blocked*."""
         if mask is None and causal:
-            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)[None, None]
-        blocked = None if mask is None else ~mask
+            extra = {"atten_mask": _compressed_causal_mask(q.device), "sparse_mode": RIGHT_DOWN_CAUSAL}
+        else:
+            extra = {"atten_mask": None if mask is None else ~mask, "sparse_mode": 0}
+        return module.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", scale=scale, keep_prob=1.0, **extra)[0]
+
+    return attention
+
+
+def _npu_varlen_attention(module: ModuleType):
+    def attention(q, k, v, rows: PackedRows, scale):
+        """Packed rows in the TND layout, causal to each row's last key (right-down sparse mode); the rows'
+        cumulative ends go to the kernel as host lists, read once per forward."""
+        batch, heads, seq, _ = q.shape
+        q_flat, k_flat, v_flat = to_varlen(q, k, v, rows)
+        q_ends, k_ends = rows.host_ends()
         out = module.npu_fusion_attention(
-            q, k, v, q.shape[1], "BNSD", atten_mask=blocked, scale=scale, keep_prob=1.0, sparse_mode=0
-        )
-        return out[0]
+            q_flat, k_flat, v_flat, heads, "TND", atten_mask=_compressed_causal_mask(q.device), scale=scale,
+            keep_prob=1.0, actual_seq_qlen=q_ends, actual_seq_kvlen=k_ends, sparse_mode=RIGHT_DOWN_CAUSAL,
+        )[0]
+        return from_varlen(out, batch, seq)
 
     return attention
 

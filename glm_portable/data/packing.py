@@ -1,7 +1,7 @@
 """Padding-free training batches (``train --packing``): preprocessed rows packed into fixed-length sequences.
 
 Each packed sequence holds whole rows; ``position_ids`` restart at 0 for every row and the model keeps
-attention inside each row (``sequence_ids``), so every row's loss is what it would be alone. Rows
+attention inside each row (``cu_seqlens``), so every row's loss is what it would be alone. Rows
 are placed best-fit, longest first, which leaves little of a sequence empty on ADGEN's lengths.
 """
 
@@ -53,8 +53,10 @@ def padding_fraction(lengths: Sequence[int], width: int) -> float:
 
 @dataclass
 class PackedCollator:
-    """Packed sequences right-padded to ``length`` (one shape for every batch). ``sequence_ids`` number the rows
-    of each sequence from 0 (a row starts where its position is 0); the padding tail is one more, unlabelled."""
+    """Packed sequences right-padded to ``length`` (one shape for every batch). ``cu_seqlens`` (int32) marks where
+    each row starts and ends in the flattened ``batch * length`` tokens (a row starts where its position is 0);
+    each sequence's padding tail is one more, unlabelled row. The boundaries are found here, on the host, so the
+    model's varlen kernels need no read from the device to learn them."""
 
     pad_token_id: int
     length: int
@@ -64,15 +66,15 @@ class PackedCollator:
         ids = torch.full((batch, self.length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, self.length), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((batch, self.length), dtype=torch.long)
+        bounds = [0]
         for i, pack in enumerate(packs):
             n = len(pack["input_ids"])
             ids[i, :n] = torch.as_tensor(pack["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(pack["labels"], dtype=torch.long)
             positions[i, :n] = torch.as_tensor(pack["position_ids"], dtype=torch.long)
-        starts = positions == 0
-        starts[:, 0] = True
-        used = torch.tensor([len(p["input_ids"]) for p in packs])
-        tail = torch.arange(self.length)[None] >= used[:, None]
-        starts &= ~tail | (torch.arange(self.length)[None] == used[:, None])  # the tail is one block, not many
+            start = i * self.length
+            bounds += [start + j for j, p in enumerate(pack["position_ids"]) if p == 0 and j > 0]
+            bounds += [start + n] if n < self.length else []
+            bounds.append(start + self.length)
         return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "sequence_ids": starts.long().cumsum(-1) - 1}
+                "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
+from glm_portable.backends.varlen import PackedRows, packed_rows
 
 from .config import ChatGLMConfig
 from .prefix import PrefixEncoder, prefix_key_values
@@ -78,7 +79,9 @@ class SelfAttention(nn.Module):
         prefix_k: Optional[torch.Tensor],
         prefix_v: Optional[torch.Tensor],
         cache: Optional[Cache],
+        packed: Optional[PackedRows] = None,
     ) -> torch.Tensor:
+        """``packed``: the rows of a packed batch, for the backend's varlen kernel (``mask`` is then None)."""
         q, k, v = self._split_qkv(self.query_key_value(hidden))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -89,7 +92,11 @@ class SelfAttention(nn.Module):
         elif prefix_k is not None:
             k = torch.cat((prefix_k, k), dim=2)
             v = torch.cat((prefix_v, v), dim=2)
-        out = self.kernels.attention(q, k, v, mask, causal, 1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if packed is not None:
+            out = self.kernels.packed_attention(q, k, v, packed, scale)
+        else:
+            out = self.kernels.attention(q, k, v, mask, causal, scale)
         batch, _, seq, _ = out.shape
         return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
@@ -118,8 +125,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache):
-        attn = self.self_attention(self.input_layernorm(hidden), cos, sin, mask, causal, prefix_k, prefix_v, cache)
+    def forward(self, hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache, packed=None):
+        attn = self.self_attention(self.input_layernorm(hidden), cos, sin, mask, causal, prefix_k, prefix_v, cache,
+                                   packed)
         hidden = hidden + F.dropout(attn, p=self.hidden_dropout, training=self.training)
         mlp = self.mlp(self.post_attention_layernorm(hidden))
         return hidden + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
@@ -134,15 +142,15 @@ class GLMTransformer(nn.Module):
             self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.gradient_checkpointing = False
 
-    def forward(self, hidden, cos, sin, mask, causal, prefix, cache):
+    def forward(self, hidden, cos, sin, mask, causal, prefix, cache, packed=None):
         for index, layer in enumerate(self.layers):
             prefix_k, prefix_v = prefix[index] if prefix is not None else (None, None)
             if self.gradient_checkpointing and self.training and cache is None:
                 hidden = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, cos, sin, mask, causal, prefix_k, prefix_v, None
+                    layer.__call__, hidden, cos, sin, mask, causal, prefix_k, prefix_v, None, packed
                 )
             else:
-                hidden = layer(hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache)
+                hidden = layer(hidden, cos, sin, mask, causal, prefix_k, prefix_v, cache, packed)
         return self.final_layernorm(hidden) if self.post_layer_norm else hidden
 
 
@@ -194,11 +202,12 @@ def static_cache_mask(padding: Optional[torch.Tensor], batch: int, query_len: in
     return F.pad(mask, (0, slots - key_len), value=False)
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, prefix_len: int = 0) -> torch.Tensor:
-    """``[batch, 1, seq, prefix + seq]``: causal inside each packed row (equal ``sequence_ids``), the prefix open
-    to every query: what each row would see alone."""
-    seq = sequence_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=sequence_ids.device).tril()
+def packed_attention_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, prefix_len: int = 0) -> torch.Tensor:
+    """``[batch, 1, seq, prefix + seq]``: causal inside each packed row (``cu_seqlens``: the rows' boundaries in
+    the flattened batch), the prefix open to every query: what each row would see alone."""
+    flat = torch.arange(batch * seq, device=cu_seqlens.device)
+    sequence_ids = torch.bucketize(flat, cu_seqlens[1:].long(), right=True).view(batch, seq)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).tril()
     allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & causal
     if prefix_len:
         allowed = torch.cat((allowed.new_ones(*allowed.shape[:2], prefix_len), allowed), dim=-1)
@@ -256,6 +265,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
             self.prefix_dropout = nn.Dropout(0.1)
 
+    @property
+    def kernels(self) -> Kernels:
+        return self.encoder.layers[0].self_attention.kernels
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding.word_embeddings
 
@@ -272,10 +285,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         use_cache: bool = False,
-        sequence_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[Cache]]:
-        """``sequence_ids`` (packed training batches, with their restarting ``position_ids``): attention stays
-        inside each row, and the P-Tuning prefix is seen by all. A static cache (``StaticCache``, preallocated
+        """``cu_seqlens`` (packed training batches, with their restarting ``position_ids``: the rows' boundaries
+        in the flattened ``batch * seq`` tokens): attention stays inside each row, and the P-Tuning prefix is
+        seen by all; through the backend's varlen kernel where it has one, else a dense block mask. A static cache (``StaticCache``, preallocated
         keys) gets a mask over all its slots, the unwritten ones closed."""
         batch, seq = input_ids.shape
         hidden = self.embedding(input_ids)
@@ -293,17 +307,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         key_len = past + (prefix_len if prefix is not None else 0) + seq
         if padding is not None and padding.shape[-1] != key_len:
             raise ValueError(f"attention_mask covers {padding.shape[-1]} positions, expected {key_len}")
-        if sequence_ids is not None:
+        packed = None
+        if cu_seqlens is not None:
             if position_ids is None or attention_mask is not None or past:
-                raise ValueError("packed rows (sequence_ids) need their position_ids, and no attention_mask or cache")
-            mask, causal = packed_attention_mask(sequence_ids, prefix_len if prefix is not None else 0), False
+                raise ValueError("packed rows (cu_seqlens) need their position_ids, and no attention_mask or cache")
+            open_prefix = prefix_len if prefix is not None else 0
+            if self.kernels.packed_attention is not None:
+                packed, mask, causal = packed_rows(cu_seqlens, batch, seq, open_prefix), None, True
+            else:
+                mask, causal = packed_attention_mask(cu_seqlens, batch, seq, open_prefix), False
         elif use_cache and getattr(past_key_values, "is_compileable", False):
             mask, causal = static_cache_mask(padding, batch, seq, key_len, past_key_values.get_max_length(),
                                              input_ids.device), False
         else:
             mask, causal = build_attention_mask(padding, seq, key_len)
         cos, sin = self.rotary_pos_emb(position_ids, hidden.dtype, limit=past_tokens + seq)
-        hidden = self.encoder(hidden, cos, sin, mask, causal, prefix, past_key_values if use_cache else None)
+        hidden = self.encoder(hidden, cos, sin, mask, causal, prefix, past_key_values if use_cache else None, packed)
         return hidden, past_key_values if use_cache else None
 
 
@@ -409,7 +428,7 @@ class CausalLMForward:
         **kwargs,
     ) -> CausalLMOutputWithPast:
         use_cache = bool(use_cache) if use_cache is not None else (past_key_values is not None)
-        packed = {"sequence_ids": kwargs["sequence_ids"]} if kwargs.get("sequence_ids") is not None else {}
+        packed = {"cu_seqlens": kwargs["cu_seqlens"]} if kwargs.get("cu_seqlens") is not None else {}
         hidden, cache = self.transformer(input_ids, attention_mask, position_ids, past_key_values, use_cache, **packed)
         head = self.get_output_embeddings()
         if labels is not None and self.training:
@@ -448,7 +467,7 @@ class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, G
 
     @property
     def kernels(self) -> Kernels:
-        return self.transformer.encoder.layers[0].self_attention.kernels
+        return self.transformer.kernels
 
     def reset_buffers(self) -> None:
         """The rotary table's default values, for weights that do not carry them."""

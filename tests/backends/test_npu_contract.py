@@ -65,13 +65,13 @@ def test_device_for_local_rank_is_an_npu_device(fake_npu):
     assert (device.type, device.index) == ("npu", 3)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_fused_attention_on_a2_equals_reference(fake_npu, with_mask):
+@pytest.mark.parametrize("with_mask,kv_len", [(False, 6), (False, 9), (True, 6)], ids=["causal", "prefix", "mask"])
+def test_fused_attention_on_a2_equals_reference(fake_npu, with_mask, kv_len):
     kernels = get_backend("npu").kernels(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 6, 16, generator=g).bfloat16()
-    k = torch.randn(2, 2, 6, 16, generator=g).bfloat16()
-    v = torch.randn(2, 2, 6, 16, generator=g).bfloat16()
+    k = torch.randn(2, 2, kv_len, 16, generator=g).bfloat16()
+    v = torch.randn(2, 2, kv_len, 16, generator=g).bfloat16()
     mask = None
     if with_mask:
         mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
@@ -80,7 +80,28 @@ def test_fused_attention_on_a2_equals_reference(fake_npu, with_mask):
     out = kernels.attention(q, k, v, mask, mask is None, 0.25)
     expected = eager_attention(q, k, v, mask, mask is None, 0.25)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
-    assert ("npu_fusion_attention", "BNSD", 0) in fake_npu.STATE.calls
+    # causal without a mask is the kernel's right-down causal mode: no dense mask is built
+    assert fake_npu.STATE.calls == [("npu_fusion_attention", "BNSD", 0 if with_mask else 3)]
+
+
+@pytest.mark.parametrize("prefix_len", [0, 3])
+def test_packed_rows_go_to_the_tnd_layout_and_equal_the_block_mask(fake_npu, prefix_len):
+    from glm_portable.backends.varlen import packed_rows, reference_varlen_attention
+    from glm_portable.modeling.model import packed_attention_mask
+
+    kernels = get_backend("npu").kernels(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    batch, seq = 2, 8
+    q = torch.randn(batch, 4, seq, 16, generator=g).bfloat16()
+    k = torch.randn(batch, 2, prefix_len + seq, 16, generator=g).bfloat16()
+    v = torch.randn(batch, 2, prefix_len + seq, 16, generator=g).bfloat16()
+    cu_seqlens = torch.tensor([0, 3, 5, 8, 12, 16], dtype=torch.int32)  # rows 3+2+3 and 4+4
+    rows = packed_rows(cu_seqlens, batch, seq, prefix_len)
+    out = kernels.packed_attention(q, k, v, rows, 0.25)
+    mask = packed_attention_mask(cu_seqlens, batch, seq, prefix_len)
+    torch.testing.assert_close(out, eager_attention(q, k, v, mask, False, 0.25), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, reference_varlen_attention(q, k, v, rows, 0.25), atol=2e-2, rtol=2e-2)
+    assert fake_npu.STATE.calls == [("npu_fusion_attention", "TND", 3)]
 
 
 def test_910a_never_calls_fused_attention_but_uses_rms_norm(fake_npu):

@@ -1,5 +1,6 @@
 """Packed training batches: every row once, positions restart, each row's loss and gradient as if alone."""
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from glm_portable.backends.kernels import PORTABLE_KERNELS, VARLEN_REFERENCE_KERNELS
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.packing import PackedCollator, pack_rows, padding_fraction
 from glm_portable.modeling import load_model, load_tokenizer
@@ -32,25 +34,41 @@ def test_best_fit_packs_every_row_once_with_restarting_positions():
         pack_rows([[1] * 41], [[1] * 41], 40)
 
 
-def test_the_collator_numbers_rows_and_makes_the_tail_one_unlabelled_block():
+def test_the_collator_bounds_rows_and_makes_the_tail_one_unlabelled_block():
     batch = PackedCollator(pad_token_id=0, length=8)([
-        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "position_ids": [0, 1, 2, 0, 1]}])
-    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "position_ids": [0, 1, 2, 0, 1]},
+        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8], "labels": [-100] + [2] * 7, "position_ids": [0, 1, 2, 3, 4, 0, 1, 2]}])
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 8, 13, 16] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["position_ids"].tolist()[0] == [0, 1, 2, 0, 1, 0, 0, 0]
+    assert batch["labels"].tolist()[0] == [-100, 6, 7, -100, 9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["input_ids"].tolist()[0] == [5, 6, 7, 8, 9, 0, 0, 0]
 
 
+def _counting(kernels, calls):
+    if kernels.packed_attention is None:
+        return kernels
+
+    def packed_attention(*args):
+        calls.append(args[3])
+        return kernels.packed_attention(*args)
+
+    return dataclasses.replace(kernels, packed_attention=packed_attention)
+
+
+@pytest.mark.parametrize("kernels", [PORTABLE_KERNELS, VARLEN_REFERENCE_KERNELS], ids=["block-mask", "varlen"])
 @pytest.mark.parametrize("pre_seq_len", [None, 3])
-def test_each_packed_row_has_the_loss_and_gradient_it_has_alone(tiny2_dir, pre_seq_len):
+def test_each_packed_row_has_the_loss_and_gradient_it_has_alone(tiny2_dir, pre_seq_len, kernels):
     tokenizer = load_tokenizer(tiny2_dir)
     texts = ["类型#裙*颜色#红色 这条裙子", "Hello, how are you today?", "问：水在多少度会结冰？答：零度", "你好"]
     rows = [tokenizer.encode(t) for t in texts]
     labels = [[IGNORE_INDEX] * 3 + row[3:] for row in rows]
-    packed = pack_rows(rows, labels, 48)
-    batch = PackedCollator(tokenizer.pad_token_id, 48)([{k: packed[k][i] for k in packed}
+    packed = pack_rows(rows, labels, 20)  # three sequences, two rows in one, padding tails
+    batch = PackedCollator(tokenizer.pad_token_id, 20)([{k: packed[k][i] for k in packed}
                                                         for i in range(len(packed["input_ids"]))])
+    assert batch["input_ids"].shape[0] == 3
     model = load_model(tiny2_dir, dtype="float32", device="cpu", pre_seq_len=pre_seq_len)
+    calls = []
+    model.set_kernels(_counting(kernels, calls))
     alone_losses, alone_grads = [], []
     for row, label in zip(rows, labels):
         model.zero_grad()
@@ -61,19 +79,23 @@ def test_each_packed_row_has_the_loss_and_gradient_it_has_alone(tiny2_dir, pre_s
             alone_grads.append(model.transformer.prefix_encoder.embedding.weight.grad.clone() * (len(row) - 3))
         alone_losses.append(loss.detach() * (len(row) - 3))  # the sum over its labelled tokens
     model.zero_grad()
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], sequence_ids=batch["sequence_ids"])
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
     logits = out.logits.float()
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
                                                   ignore_index=IGNORE_INDEX, reduction="none")
     total = per_token.sum()
     torch.testing.assert_close(total.detach(), torch.stack(alone_losses).sum(), rtol=1e-5, atol=1e-5)
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-    for start, end in zip(starts, starts[1:]):
-        row = batch["input_ids"][0, start:end].tolist()
-        if row in rows:  # each real row's own loss, not only the sum
-            index = rows.index(row)
-            torch.testing.assert_close(per_token[0, start:end - 1].sum().detach(), alone_losses[index],
-                                       rtol=1e-5, atol=1e-5)
+    checked = 0
+    for seq in range(batch["input_ids"].shape[0]):
+        starts = (batch["position_ids"][seq] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        for start, end in zip(starts, starts[1:]):
+            row = batch["input_ids"][seq, start:end].tolist()
+            if row in rows:  # each real row's own loss, not only the sum
+                torch.testing.assert_close(per_token[seq, start:end - 1].sum().detach(), alone_losses[rows.index(row)],
+                                           rtol=1e-5, atol=1e-5)
+                checked += 1
+    assert checked == len(rows)
+    assert len(calls) == (model.config.num_layers if kernels.packed_attention is not None else 0)
     if pre_seq_len:
         total.backward()
         torch.testing.assert_close(model.transformer.prefix_encoder.embedding.weight.grad,

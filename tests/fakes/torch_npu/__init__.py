@@ -83,38 +83,86 @@ def _from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).flatten(2)
 
 
+COMPRESSED_MASK_SIZE = 2048  # sparse modes 2-4 take this fixed upper-triangle mask, whatever the lengths
+
+
+def _check_compressed_mask(atten_mask) -> None:
+    expected = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
+    if atten_mask is None or atten_mask.dtype not in (torch.bool, torch.uint8) or tuple(atten_mask.shape) != (
+            COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE) or not torch.equal(atten_mask.bool().cpu(), expected):
+        raise RuntimeError("npu_fusion_attention: sparse_mode 3 needs the 2048x2048 upper-triangle atten_mask")
+
+
+def _attend(q, k, v, head_num, scale, blocked):
+    """softmax(scale * Q K^T, masked where ``blocked``) V over [N, S, D] or [B, N, S, D], GQA expanded."""
+    heads_dim = q.dim() - 3
+    if q.shape[heads_dim] != head_num or head_num % k.shape[heads_dim] != 0:
+        raise RuntimeError(f"npu_fusion_attention: head_num {head_num} vs query {q.shape[heads_dim]} / "
+                           f"key {k.shape[heads_dim]} heads")
+    k = k.repeat_interleave(head_num // k.shape[heads_dim], dim=heads_dim)
+    v = v.repeat_interleave(head_num // v.shape[heads_dim], dim=heads_dim)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _right_down_causal(q_len: int, kv_len: int) -> torch.Tensor:
+    """Blocked positions of sparse_mode 3: query i sees keys up to i + kv_len - q_len."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool).triu(kv_len - q_len + 1)
+
+
+def _varlen(query, key, value, head_num, scale, actual_seq_qlen, actual_seq_kvlen):
+    """TND: rows of the flattened tokens ending at the cumulative ``actual_seq_*len``, each attended alone."""
+    if actual_seq_qlen is None or actual_seq_kvlen is None or len(actual_seq_qlen) != len(actual_seq_kvlen):
+        raise RuntimeError("npu_fusion_attention: TND needs actual_seq_qlen and actual_seq_kvlen of one length")
+    if not all(isinstance(n, int) for n in [*actual_seq_qlen, *actual_seq_kvlen]):
+        raise RuntimeError("npu_fusion_attention: actual_seq_qlen/actual_seq_kvlen are host lists of int")
+    if actual_seq_qlen[-1] != query.shape[0] or actual_seq_kvlen[-1] != key.shape[0]:
+        raise RuntimeError("npu_fusion_attention: the last actual_seq_qlen/kvlen must be the total tokens")
+    out = torch.empty(query.shape, dtype=torch.float32)
+    for q0, q1, k0, k1 in zip([0, *actual_seq_qlen[:-1]], actual_seq_qlen, [0, *actual_seq_kvlen[:-1]],
+                              actual_seq_kvlen):
+        q, k, v = (x.float().transpose(0, 1) for x in (query[q0:q1], key[k0:k1], value[k0:k1]))
+        out[q0:q1] = _attend(q, k, v, head_num, scale, _right_down_causal(q1 - q0, k1 - k0)).transpose(0, 1)
+    return out
+
+
 def npu_fusion_attention(
     query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
     keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, prefix=None,
     actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
 ):
-    """Documented semantics: softmax(scale * Q K^T, masked where atten_mask is True) V; A2 only; fp16/bf16;
-    key/value heads may be a factor of head_num (GQA). Returns the documented 7-tuple."""
+    """Documented semantics: softmax(scale * Q K^T, masked) V; A2 only; fp16/bf16; key/value heads may be a
+    factor of head_num (GQA). sparse_mode 0: ``atten_mask`` True where blocked; 3: causal aligned to the last
+    key, with the compressed 2048x2048 mask. TND (tokens, heads, dim) attends each row of the cumulative
+    ``actual_seq_qlen``/``actual_seq_kvlen`` alone. Returns the documented 7-tuple."""
     STATE.calls.append(("npu_fusion_attention", input_layout, sparse_mode))
     if not STATE.is_a2:
         raise RuntimeError(f"npu_fusion_attention is only supported on Atlas A2, not {STATE.soc_name}")
     if query.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError(f"npu_fusion_attention: dtype {query.dtype} not supported (float16, bfloat16)")
-    if keep_prob != 1.0 or pse is not None or sparse_mode != 0:
-        raise NotImplementedError("the double models keep_prob=1, no pse, sparse_mode=0 only")
-    if input_layout in ("BNSD", "BSND"):
-        head_dim = query.shape[-1]
-    else:
-        head_dim = query.shape[-1] // head_num
+    if keep_prob != 1.0 or pse is not None or sparse_mode not in (0, 3):
+        raise NotImplementedError("the double models keep_prob=1, no pse, sparse_mode 0 and 3 only")
+    if sparse_mode == 3:
+        _check_compressed_mask(atten_mask)
+    elif atten_mask is not None and atten_mask.dtype not in (torch.bool, torch.uint8):
+        raise RuntimeError("npu_fusion_attention: atten_mask must be bool or uint8")
+    empty = torch.empty(0)
+    if input_layout == "TND":
+        if sparse_mode != 3:
+            raise NotImplementedError("the double models TND with sparse_mode 3 only")
+        out = _varlen(query, key, value, head_num, scale, actual_seq_qlen, actual_seq_kvlen)
+        return out.to(query.dtype), empty, empty, empty, 0, 0, 0
+    head_dim = query.shape[-1] if input_layout in ("BNSD", "BSND") else query.shape[-1] // head_num
     q = _to_bnsd(query, input_layout, head_dim).float()
     k = _to_bnsd(key, input_layout, head_dim).float()
     v = _to_bnsd(value, input_layout, head_dim).float()
-    if q.shape[1] != head_num or head_num % k.shape[1] != 0:
-        raise RuntimeError(f"npu_fusion_attention: head_num {head_num} vs query {q.shape[1]} / key {k.shape[1]} heads")
-    k = k.repeat_interleave(head_num // k.shape[1], dim=1)
-    v = v.repeat_interleave(head_num // v.shape[1], dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if atten_mask is not None:
-        if atten_mask.dtype not in (torch.bool, torch.uint8):
-            raise RuntimeError("npu_fusion_attention: atten_mask must be bool or uint8")
-        scores = scores.masked_fill(atten_mask.bool(), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v).to(query.dtype)
-    empty = torch.empty(0)
+    if sparse_mode == 3:
+        blocked = _right_down_causal(q.shape[2], k.shape[2])
+    else:
+        blocked = atten_mask.bool() if atten_mask is not None else None
+    out = _attend(q, k, v, head_num, scale, blocked).to(query.dtype)
     return _from_bnsd(out, input_layout), empty, empty, empty, 0, 0, 0
 
 
