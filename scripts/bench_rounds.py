@@ -28,10 +28,10 @@ def add_workload_arguments(parser: argparse.ArgumentParser, batch_size: int, pre
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
-def alternate(args: argparse.Namespace, shape: str, variants: dict[str, dict[str, Any]], backend: Backend
-              ) -> dict[str, list[dict[str, Any]]]:
+def alternate(args: argparse.Namespace, shape: str, variants: dict[str, dict[str, Any]], backend: Backend,
+              backends: Optional[dict[str, Backend]] = None) -> dict[str, list[dict[str, Any]]]:
     """Each variant's run measurements (``run_bench``), the variants taking turns round after round, so that a
-    shared machine's noise hits all of them alike."""
+    shared machine's noise hits all of them alike. ``backends`` gives some variants a backend of their own."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fields in variants.items():
@@ -39,7 +39,7 @@ def alternate(args: argparse.Namespace, shape: str, variants: dict[str, dict[str
                                 source_length=args.source_length, target_length=args.target_length,
                                 pre_seq_len=args.pre_seq_len, steps=args.steps, warmup=args.warmup, **fields)
             validate(workload)
-            runs[name].append(run_bench(workload, backend, args.dtype, None))
+            runs[name].append(run_bench(workload, (backends or {}).get(name, backend), args.dtype, None))
             print(f"{name}: {runs[name][-1]['results']['samples_per_s']} samples/s", file=sys.stderr)
     return runs
 

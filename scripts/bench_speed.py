@@ -6,7 +6,8 @@ DIR is a model directory carrying its own modeling code (config.json ``auto_map`
 can run on it: that code (patched) with every batch padded to source + target. The other variants
 are glm-portable's native model on the same seeded rows of varied length: padded to source + target
 (fixed, the NPU's default), padded to each batch's longest row (dynamic), and packed (``--packing``,
-``--pack-length``). They alternate round after round so the machine's noise hits all alike; the
+``--pack-length``) by the backend's own packed-row attention, and again by the dense block mask
+(``packed-mask``) and by the portable reference, a row at a time (``packed-rows``). They alternate round after round so the machine's noise hits all alike; the
 medians, their ratios to THUDM's way and to fixed padding, and the padding fractions go to stdout
 as JSON (and ``--out``).
 
@@ -17,20 +18,37 @@ directory, ``--method lora`` for LoRA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from bench_rounds import add_workload_arguments, alternate, emit
 
-from glm_portable.backends import select_backend
+from glm_portable.backends import Backend, Kernels, select_backend
+from glm_portable.backends.varlen import PackedAttentionFn, reference_varlen_attention
 
 VARIANTS = {
     "thudm": {"impl": "remote", "padding": "fixed"},
     "fixed": {"padding": "fixed"},
     "dynamic": {"padding": "dynamic"},
     "packed": {"packing": True},
+    "packed-mask": {"packing": True},
+    "packed-rows": {"packing": True},
 }
+# packed variants that replace the backend's packed-row kernel: None = the dense block mask
+PACKED_KERNELS = {"packed-mask": (None, "block mask"), "packed-rows": (reference_varlen_attention, "a row at a time")}
+
+
+def with_packed_attention(backend: Backend, packed_attention: Optional[PackedAttentionFn], label: str) -> Backend:
+    """``backend`` whose kernels attend within packed rows by ``packed_attention`` instead of its own choice."""
+    class Replaced(type(backend)):  # type: ignore[misc,valid-type]
+        def kernels(self, dtype=None) -> Kernels:
+            kernels = super().kernels(dtype)
+            return dataclasses.replace(kernels, name=f"{kernels.name}, packed rows by {label}",
+                                       packed_attention=packed_attention)
+
+    return Replaced()
 
 
 def main() -> None:
@@ -47,7 +65,8 @@ def main() -> None:
         variants[name] = {"varied_lengths": True, **VARIANTS[name]}
         if variants[name].get("packing"):
             variants[name]["pack_length"] = pack_length
-    runs = alternate(args, str(args.model), variants, backend)
+    runs = alternate(args, str(args.model), variants, backend,
+                     {name: with_packed_attention(backend, *PACKED_KERNELS[name]) for name in PACKED_KERNELS})
     summary: dict[str, Any] = {}
     for name, measured in runs.items():
         results = [m["results"] for m in measured]
@@ -55,6 +74,7 @@ def main() -> None:
         summary[name]["padding_fraction"] = results[0]["padding_fraction"]
         summary[name]["peak_memory_bytes"] = max(max(r["peak_memory_bytes"]) for r in results)
         summary[name]["mfu"] = results[0]["mfu"]
+        summary[name]["kernels"] = measured[0]["device"]["kernels"]
     for reference in ("thudm", "fixed"):
         if reference in summary:
             for name in summary:

@@ -31,8 +31,8 @@ from glm_portable.schema import to_argv
 from glm_portable.training.launcher import LAUNCH_FIELDS, is_launched_child, launch, trainable_parameters
 from glm_portable.training.methods import build_model, get_method
 from glm_portable.training.options import TrainOptions
-from glm_portable.training.trainer import (BatchCounter, GlmTrainer, gather_from_ranks, leave_process_group,
-                                           token_weighted_loss, training_arguments, world)
+from glm_portable.training.trainer import (BatchCounter, GlmTrainer, gather_from_ranks, kernels_name,
+                                           leave_process_group, token_weighted_loss, training_arguments, world)
 
 from .flops import mfu, training_flops_per_token
 from .record import build_record
@@ -119,18 +119,19 @@ def run_bench(workload: Workload, backend: Backend, dtype_name: Optional[str],
                              data_collator=counter, callbacks=[StepTimer(backend, log, counter)],
                              **token_weighted_loss(model))
         trainer.train()
+        kernels = kernels_name(model)
     peaks = gather_from_ranks(backend.memory_stats(local_rank).peak_allocated, world_size)
     leave_process_group()
     if rank != 0:
         return None
     trainable, total = trainable_parameters(options, shape)
     prefix = get_method(options.method).prefix_length(options)
-    return _results(workload, backend, dtype, log, peaks, trainable, total, shape, prefix, peak_tflops)
+    return _results(workload, backend, dtype, log, peaks, trainable, total, shape, prefix, peak_tflops, kernels)
 
 
 def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: StepLog, peaks: list[int],
              trainable: int, total: int, shape: ChatGLMConfig, prefix: int,
-             peak_tflops: Optional[float]) -> dict[str, Any]:
+             peak_tflops: Optional[float], kernels: Optional[str]) -> dict[str, Any]:
     measured = log.times[workload.warmup:]
     seconds = sum(measured)
     first, last = log.drawn[workload.warmup], log.drawn[-1]
@@ -141,7 +142,7 @@ def _results(workload: Workload, backend: Backend, dtype: torch.dtype, log: Step
     tokens_per_device = tokens / seconds / workload.world_size
     quantiles = statistics.quantiles(measured, n=10, method="inclusive") if len(measured) > 1 else measured * 9
     return {
-        "device": {"backend": backend.name, "name": device_name, "count": workload.world_size},
+        "device": {"backend": backend.name, "name": device_name, "count": workload.world_size, "kernels": kernels},
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": {"total": total, "trainable": trainable},
         "results": {

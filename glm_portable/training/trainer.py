@@ -167,6 +167,13 @@ def logits_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Optional
     return causal_lm_loss(outputs["logits"], labels, num_items_in_batch)
 
 
+def kernels_name(model: torch.nn.Module) -> Optional[str]:
+    """Which kernels a native model runs (its backend's choice for the dtype), for run and bench records;
+    None for a directory's own code."""
+    kernels = getattr(model, "kernels", None)
+    return kernels.name if kernels is not None else None
+
+
 def token_weighted_loss(model: torch.nn.Module) -> dict[str, Any]:
     """The Trainer arguments that weigh every labelled token of an accumulation window equally.
 
@@ -296,7 +303,7 @@ def run_training(options: TrainOptions, backend: Backend, selection_reason: str)
                 "backend": {"device": backend.name, "reason": selection_reason, "names": backend.device_names(),
                             "dtype": str(dtype).removeprefix("torch."), "loss_scaling": backend.needs_loss_scaling(dtype),
                             "dist_backend": backend.dist_backend,
-                            "kernels": getattr(model, "kernels", None) and model.kernels.name},
+                            "kernels": kernels_name(model)},
                 "world_size": world_size, "padding": padding, "trainable_parameters": trainable,
                 "data": {"path": str(options.data), "template": manifest["template"], "rows": rows,
                          "packed_sequences": len(dataset) if options.packing else None,

@@ -132,3 +132,17 @@ def test_double_layouts_agree_with_bnsd(fake_npu, layout):
     }[layout]
     out = fake_npu.npu_fusion_attention(convert(q), convert(k), convert(k), 4, layout, scale=0.2)[0]
     torch.testing.assert_close(out, convert(base))
+
+
+def test_the_double_holds_the_causal_mode_and_tnd_to_their_documented_inputs(fake_npu):
+    q = torch.randn(6, 4, 16).half()
+    with pytest.raises(RuntimeError, match="2048x2048"):
+        fake_npu.npu_fusion_attention(q, q, q, 4, "TND", atten_mask=torch.ones(6, 6, dtype=torch.bool).triu(1),
+                                      actual_seq_qlen=[6], actual_seq_kvlen=[6], sparse_mode=3)
+    mask = torch.ones(2048, 2048, dtype=torch.bool).triu(1)
+    with pytest.raises(RuntimeError, match="host lists of int"):
+        fake_npu.npu_fusion_attention(q, q, q, 4, "TND", atten_mask=mask, actual_seq_qlen=torch.tensor([6]),
+                                      actual_seq_kvlen=[6], sparse_mode=3)
+    with pytest.raises(RuntimeError, match="total tokens"):
+        fake_npu.npu_fusion_attention(q, q, q, 4, "TND", atten_mask=mask, actual_seq_qlen=[2, 5],
+                                      actual_seq_kvlen=[2, 5], sparse_mode=3)

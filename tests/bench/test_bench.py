@@ -44,7 +44,8 @@ def records(tmp_path_factory):
 def test_record_holds_the_documented_fields(records):
     record = read_record(records / "a.json")
     res = record["results"]
-    assert record["device"] == {"backend": "cpu", "name": record["device"]["name"], "count": 1}
+    assert record["device"] == {"backend": "cpu", "name": record["device"]["name"], "count": 1,
+                                "kernels": "portable (sdpa)"}
     assert record["dtype"] == "float32" and record["versions"]["torch"] and record["code"]
     assert record["workload"]["shape"] == "tiny" and record["workload"]["pre_seq_len"] == 4
     assert len(res["losses"]) == 5 and all(isinstance(v, float) for v in res["losses"])
