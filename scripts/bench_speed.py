@@ -7,9 +7,9 @@ can run on it: that code (patched) with every batch padded to source + target. T
 are glm-portable's native model on the same seeded rows of varied length: padded to source + target
 (fixed, the NPU's default), padded to each batch's longest row (dynamic), and packed (``--packing``,
 ``--pack-length``) by the backend's own packed-row attention, and again by the dense block mask
-(``packed-mask``) and by the portable reference, a row at a time (``packed-rows``). They alternate round after round so the machine's noise hits all alike; the
-medians, their ratios to THUDM's way and to fixed padding, and the padding fractions go to stdout
-as JSON (and ``--out``).
+(``packed-mask``) and by the portable reference, a row at a time (``packed-rows``). They alternate
+round after round so the machine's noise hits all alike; the medians, their ratios to THUDM's way and
+to fixed padding, the padding fractions and the kernels each ran go to stdout as JSON (and ``--out``).
 
 On a GPU: ``--model DIR --device cuda --batch-size 16 --pre-seq-len 128`` on a chatglm2-6b-shaped
 directory, ``--method lora`` for LoRA.

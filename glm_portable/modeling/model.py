@@ -289,8 +289,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     ) -> tuple[torch.Tensor, Optional[Cache]]:
         """``cu_seqlens`` (packed training batches, with their restarting ``position_ids``: the rows' boundaries
         in the flattened ``batch * seq`` tokens): attention stays inside each row, and the P-Tuning prefix is
-        seen by all; through the backend's varlen kernel where it has one, else a dense block mask. A static cache (``StaticCache``, preallocated
-        keys) gets a mask over all its slots, the unwritten ones closed."""
+        seen by all; through the backend's varlen kernel where it has one, else a dense block mask. A static
+        cache (``StaticCache``, preallocated keys) gets a mask over all its slots, the unwritten ones closed."""
         batch, seq = input_ids.shape
         hidden = self.embedding(input_ids)
         if use_cache and past_key_values is None:
