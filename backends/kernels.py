@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .quantized import QuantizedMatmulFn, reference_quantized_matmul, weight_only_quantized_matmul
-from .varlen import PackedAttentionFn, reference_varlen_attention
+from .varlen import PackedAttentionFn, PackedRows
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool, float], torch.Tensor]
 RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -27,7 +27,7 @@ RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 class Kernels:
     """The kernel choices a backend makes; the model calls these and nothing device-specific.
     ``quantized_matmul`` multiplies by a quantized frozen weight (``backends.quantized``); ``packed_attention``
-    attends within packed rows (``backends.varlen``), None where the dense block mask is the better path;
+    attends within packed rows (``backends.varlen``), None to give ``attention`` the rows' dense block mask;
     ``static_shapes``: the device compiles a graph per input shape, so the model avoids data-dependent shapes."""
 
     name: str
@@ -36,6 +36,13 @@ class Kernels:
     quantized_matmul: QuantizedMatmulFn = weight_only_quantized_matmul
     packed_attention: Optional[PackedAttentionFn] = None
     static_shapes: bool = False
+
+    def attend_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows, scale: float
+                      ) -> torch.Tensor:
+        """Attention within packed rows: the varlen kernel where there is one, else the block mask."""
+        if self.packed_attention is not None:
+            return self.packed_attention(q, k, v, rows, scale)
+        return self.attention(q, k, v, rows.block_mask(), False, scale)
 
 
 def expand_kv_groups(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -106,5 +113,3 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 PORTABLE_KERNELS = Kernels(name="portable (sdpa)", attention=sdpa_attention, rms_norm=reference_rms_norm)
 REFERENCE_KERNELS = Kernels(name="reference (eager)", attention=eager_attention, rms_norm=reference_rms_norm,
                             quantized_matmul=reference_quantized_matmul)
-VARLEN_REFERENCE_KERNELS = Kernels(name="portable (sdpa, a packed row at a time)", attention=sdpa_attention,
-                                   rms_norm=reference_rms_norm, packed_attention=reference_varlen_attention)

@@ -27,10 +27,12 @@ class PackedRows:
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor
+    batch: int
     max_q: int
     max_k: int
     key_index: Optional[torch.Tensor]
     _host_ends: Optional[tuple[list[int], list[int]]] = field(default=None, repr=False)
+    _block_mask: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def host_ends(self) -> tuple[list[int], list[int]]:
         """Each row's end in the flattened queries and keys, on the host, for kernels that take lengths as
@@ -39,13 +41,27 @@ class PackedRows:
             self._host_ends = (self.cu_q[1:].tolist(), self.cu_k[1:].tolist())
         return self._host_ends
 
+    def block_mask(self) -> torch.Tensor:
+        """The same attention as a dense mask in the kernel convention, ``[batch, 1, seq, prefix + seq]``
+        (True = may attend): causal inside each row, the prefix open to all; built once per forward."""
+        if self._block_mask is None:
+            seq, prefix_len = self.max_q, self.max_k - self.max_q
+            flat = torch.arange(self.batch * seq, device=self.cu_q.device)
+            row = torch.bucketize(flat, self.cu_q[1:].long(), right=True).view(self.batch, seq)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=row.device).tril()
+            allowed = (row[:, :, None] == row[:, None, :]) & causal
+            if prefix_len:
+                allowed = torch.cat((allowed.new_ones(self.batch, seq, prefix_len), allowed), dim=-1)
+            self._block_mask = allowed[:, None]
+        return self._block_mask
+
 
 def packed_rows(cu_seqlens: torch.Tensor, batch: int, seq: int, prefix_len: int) -> PackedRows:
     """``PackedRows`` for a packed batch whose row boundaries in the flattened ``batch * seq`` tokens are
     ``cu_seqlens`` (int32, ``[rows + 1]``, never crossing a sequence); computed on the device, no sync."""
     cu_q = cu_seqlens.to(torch.int32)
     if not prefix_len:
-        return PackedRows(cu_q, cu_q, seq, seq, None)
+        return PackedRows(cu_q, cu_q, batch, seq, seq, None)
     rows = cu_q.shape[0] - 1
     cu_k = cu_q + prefix_len * torch.arange(rows + 1, dtype=torch.int32, device=cu_q.device)
     slots = torch.arange(batch * seq + rows * prefix_len, device=cu_q.device)
@@ -56,7 +72,7 @@ def packed_rows(cu_seqlens: torch.Tensor, batch: int, seq: int, prefix_len: int)
     base = sequence * (prefix_len + seq)
     token = base + prefix_len + (start - sequence * seq) + (offset - prefix_len)
     key_index = torch.where(offset < prefix_len, base + offset, token)
-    return PackedRows(cu_q, cu_k, seq, prefix_len + seq, key_index)
+    return PackedRows(cu_q, cu_k, batch, seq, prefix_len + seq, key_index)
 
 
 def to_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows
@@ -83,7 +99,7 @@ PackedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedRo
 def reference_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows,
                                scale: float) -> torch.Tensor:
     """Portable reference: each row through SDPA on its own, causal to its last key; for tests, and the
-    CPU path, where a row at a time costs less than the dense block mask."""
+    CPU's path for long packs, where a row at a time costs less than the dense block mask."""
     batch, heads, seq, _ = q.shape
     q_flat, k_flat, v_flat = to_varlen(q, k, v, rows)
     q_ends, k_ends = rows.host_ends()

@@ -81,7 +81,7 @@ class SelfAttention(nn.Module):
         cache: Optional[Cache],
         packed: Optional[PackedRows] = None,
     ) -> torch.Tensor:
-        """``packed``: the rows of a packed batch, for the backend's varlen kernel (``mask`` is then None)."""
+        """``packed``: the rows of a packed batch (``mask`` is then None)."""
         q, k, v = self._split_qkv(self.query_key_value(hidden))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
             v = torch.cat((prefix_v, v), dim=2)
         scale = 1.0 / math.sqrt(self.head_dim)
         if packed is not None:
-            out = self.kernels.packed_attention(q, k, v, packed, scale)
+            out = self.kernels.attend_packed(q, k, v, packed, scale)
         else:
             out = self.kernels.attention(q, k, v, mask, causal, scale)
         batch, _, seq, _ = out.shape
@@ -202,18 +202,6 @@ def static_cache_mask(padding: Optional[torch.Tensor], batch: int, query_len: in
     return F.pad(mask, (0, slots - key_len), value=False)
 
 
-def packed_attention_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, prefix_len: int = 0) -> torch.Tensor:
-    """``[batch, 1, seq, prefix + seq]``: causal inside each packed row (``cu_seqlens``: the rows' boundaries in
-    the flattened batch), the prefix open to every query: what each row would see alone."""
-    flat = torch.arange(batch * seq, device=cu_seqlens.device)
-    sequence_ids = torch.bucketize(flat, cu_seqlens[1:].long(), right=True).view(batch, seq)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).tril()
-    allowed = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) & causal
-    if prefix_len:
-        allowed = torch.cat((allowed.new_ones(*allowed.shape[:2], prefix_len), allowed), dim=-1)
-    return allowed[:, None]
-
-
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -289,7 +277,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     ) -> tuple[torch.Tensor, Optional[Cache]]:
         """``cu_seqlens`` (packed training batches, with their restarting ``position_ids``: the rows' boundaries
         in the flattened ``batch * seq`` tokens): attention stays inside each row, and the P-Tuning prefix is
-        seen by all; through the backend's varlen kernel where it has one, else a dense block mask. A static
+        seen by all (``Kernels.attend_packed``: a varlen kernel where the backend has one). A static
         cache (``StaticCache``, preallocated keys) gets a mask over all its slots, the unwritten ones closed."""
         batch, seq = input_ids.shape
         hidden = self.embedding(input_ids)
@@ -311,11 +299,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if cu_seqlens is not None:
             if position_ids is None or attention_mask is not None or past:
                 raise ValueError("packed rows (cu_seqlens) need their position_ids, and no attention_mask or cache")
-            open_prefix = prefix_len if prefix is not None else 0
-            if self.kernels.packed_attention is not None:
-                packed, mask, causal = packed_rows(cu_seqlens, batch, seq, open_prefix), None, True
-            else:
-                mask, causal = packed_attention_mask(cu_seqlens, batch, seq, open_prefix), False
+            packed = packed_rows(cu_seqlens, batch, seq, prefix_len if prefix is not None else 0)
+            mask, causal = None, True
         elif use_cache and getattr(past_key_values, "is_compileable", False):
             mask, causal = static_cache_mask(padding, batch, seq, key_len, past_key_values.get_max_length(),
                                              input_ids.device), False

@@ -87,7 +87,6 @@ def test_fused_attention_on_a2_equals_reference(fake_npu, with_mask, kv_len):
 @pytest.mark.parametrize("prefix_len", [0, 3])
 def test_packed_rows_go_to_the_tnd_layout_and_equal_the_block_mask(fake_npu, prefix_len):
     from glm_portable.backends.varlen import packed_rows, reference_varlen_attention
-    from glm_portable.modeling.model import packed_attention_mask
 
     kernels = get_backend("npu").kernels(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
@@ -98,8 +97,7 @@ def test_packed_rows_go_to_the_tnd_layout_and_equal_the_block_mask(fake_npu, pre
     cu_seqlens = torch.tensor([0, 3, 5, 8, 12, 16], dtype=torch.int32)  # rows 3+2+3 and 4+4
     rows = packed_rows(cu_seqlens, batch, seq, prefix_len)
     out = kernels.packed_attention(q, k, v, rows, 0.25)
-    mask = packed_attention_mask(cu_seqlens, batch, seq, prefix_len)
-    torch.testing.assert_close(out, eager_attention(q, k, v, mask, False, 0.25), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, eager_attention(q, k, v, rows.block_mask(), False, 0.25), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, reference_varlen_attention(q, k, v, rows, 0.25), atol=2e-2, rtol=2e-2)
     assert fake_npu.STATE.calls == [("npu_fusion_attention", "TND", 3)]
 

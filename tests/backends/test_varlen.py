@@ -5,8 +5,8 @@ import torch
 
 from glm_portable.backends import get_backend
 from glm_portable.backends.kernels import eager_attention
+from glm_portable.backends import cpu
 from glm_portable.backends.varlen import from_varlen, packed_rows, reference_varlen_attention, to_varlen
-from glm_portable.modeling.model import packed_attention_mask
 
 CU_SEQLENS = [0, 3, 5, 8, 12, 16, 21, 24]  # three sequences of 8: rows 3+2+3, 4+4, 5+3
 
@@ -38,13 +38,33 @@ def test_tnd_layout_round_trips():
 def test_the_reference_equals_the_block_mask_with_gradients(prefix_len):
     cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32)
     inputs = _inputs(prefix_len)
-    out = reference_varlen_attention(*inputs, packed_rows(cu_seqlens, 3, 8, prefix_len), 0.25)
+    rows = packed_rows(cu_seqlens, 3, 8, prefix_len)
+    out = reference_varlen_attention(*inputs, rows, 0.25)
     grads = torch.autograd.grad(out.square().sum(), inputs)
-    mask = packed_attention_mask(cu_seqlens, 3, 8, prefix_len)
-    expected = eager_attention(*inputs, mask, False, 0.25)
+    expected = eager_attention(*inputs, rows.block_mask(), False, 0.25)
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), inputs)):
         torch.testing.assert_close(got, want)
+
+
+def test_the_block_mask_is_causal_inside_each_row_with_the_prefix_open():
+    rows = packed_rows(torch.tensor([0, 2, 3, 6], dtype=torch.int32), batch=2, seq=3, prefix_len=1)
+    assert rows.block_mask()[:, 0].int().tolist() == [
+        [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]],
+        [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]],
+    ]
+
+
+@pytest.mark.parametrize("seq,rows_at_a_time", [(8, False), (cpu.ROWS_AT_A_TIME_FROM, True)])
+def test_the_cpu_takes_long_packs_a_row_at_a_time(monkeypatch, seq, rows_at_a_time):
+    calls = []
+    monkeypatch.setattr(cpu, "reference_varlen_attention", lambda *a: calls.append(1) or reference_varlen_attention(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, seq, 8, generator=g) for _ in range(3))
+    rows = packed_rows(torch.tensor([0, seq // 2, seq], dtype=torch.int32), 1, seq, 0)
+    out = get_backend("cpu").kernels(torch.float32).attend_packed(q, k, v, rows, 0.3)
+    torch.testing.assert_close(out, eager_attention(q, k, v, rows.block_mask(), False, 0.3))
+    assert bool(calls) == rows_at_a_time
 
 
 @pytest.mark.gpu
@@ -56,9 +76,10 @@ def test_cuda_flash_varlen_equals_the_block_mask(prefix_len):
     assert kernels.packed_attention is not None, kernels.name
     cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32, device=backend.device())
     inputs = _inputs(prefix_len, backend.device(), torch.bfloat16, heads=8, groups=2, dim=128)
-    out = kernels.packed_attention(*inputs, packed_rows(cu_seqlens, 3, 8, prefix_len), 0.25)
+    rows = packed_rows(cu_seqlens, 3, 8, prefix_len)
+    out = kernels.packed_attention(*inputs, rows, 0.25)
     grads = torch.autograd.grad(out.float().square().sum(), inputs)
-    expected = eager_attention(*inputs, packed_attention_mask(cu_seqlens, 3, 8, prefix_len), False, 0.25)
+    expected = eager_attention(*inputs, rows.block_mask(), False, 0.25)
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
     for got, want in zip(grads, torch.autograd.grad(expected.float().square().sum(), inputs)):
         torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=6e-2)

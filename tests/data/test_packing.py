@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from glm_portable.backends.kernels import PORTABLE_KERNELS, VARLEN_REFERENCE_KERNELS
+from glm_portable.backends.kernels import PORTABLE_KERNELS
+from glm_portable.backends.varlen import reference_varlen_attention
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.packing import PackedCollator, pack_rows, padding_fraction
 from glm_portable.modeling import load_model, load_tokenizer
@@ -55,7 +56,10 @@ def _counting(kernels, calls):
     return dataclasses.replace(kernels, packed_attention=packed_attention)
 
 
-@pytest.mark.parametrize("kernels", [PORTABLE_KERNELS, VARLEN_REFERENCE_KERNELS], ids=["block-mask", "varlen"])
+VARLEN_REFERENCE = dataclasses.replace(PORTABLE_KERNELS, packed_attention=reference_varlen_attention)
+
+
+@pytest.mark.parametrize("kernels", [PORTABLE_KERNELS, VARLEN_REFERENCE], ids=["block-mask", "varlen"])
 @pytest.mark.parametrize("pre_seq_len", [None, 3])
 def test_each_packed_row_has_the_loss_and_gradient_it_has_alone(tiny2_dir, pre_seq_len, kernels):
     tokenizer = load_tokenizer(tiny2_dir)
