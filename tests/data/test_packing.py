@@ -170,3 +170,23 @@ def test_the_batch_counter_counts_rows_tokens_and_positions_when_a_step_consumes
     assert (counter.rows, counter.tokens, counter.positions) == (4, 10, 16)
     counter.consume(5)  # the last step takes what is left, no more
     assert (counter.rows, counter.tokens, counter.positions) == (6, 15, 24)
+
+
+@pytest.mark.parametrize("kernels", [PORTABLE_KERNELS, VARLEN_REFERENCE], ids=["block-mask", "varlen"])
+def test_a_compiled_packed_step_gives_the_eager_loss_and_gradient(tiny2_dir, kernels):
+    """The rows' index, mask and host lengths are built inside the compiled forward (``--packing --compile``)."""
+    model = load_model(tiny2_dir, dtype="float32", device="cpu", pre_seq_len=3)
+    model.set_kernels(kernels)
+    model.train()
+    model.transformer.prefix_dropout.p = 0.0
+    packs = [{"input_ids": list(range(5, 15)) + list(range(20, 26)), "labels": list(range(5, 15)) + [-100] * 6,
+              "position_ids": list(range(10)) + list(range(6))}, {"input_ids": list(range(30, 42)),
+              "labels": [-100] * 4 + list(range(34, 42)), "position_ids": list(range(12))}]
+    batch = PackedCollator(0, 16)(packs)
+    results = []
+    for step in (model, torch.compile(model)):
+        model.zero_grad()
+        loss = step(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), model.transformer.prefix_encoder.embedding.weight.grad.clone()))
+    torch.testing.assert_close(results[1], results[0])
