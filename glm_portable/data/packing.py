@@ -56,7 +56,7 @@ class PackedCollator:
     """Packed sequences right-padded to ``length`` (one shape for every batch). ``cu_seqlens`` (int32) marks where
     each row starts and ends in the flattened ``batch * length`` tokens (a row starts where its position is 0);
     each sequence's padding tail is one more, unlabelled row. The boundaries are found here, on the host, so the
-    model's varlen kernels need no read from the device to learn them."""
+    model never derives them from device tensors (a sync); kernels that take host lengths read them back once."""
 
     pad_token_id: int
     length: int
