@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .base import Availability, Backend, MemoryStats
-from .kernels import PORTABLE_KERNELS, Kernels
-from .varlen import PackedRows, reference_varlen_attention
+from .kernels import PORTABLE_KERNELS, Kernels, reference_varlen_attention
+from .varlen import PackedRows
 
 # From this pack length on, packed rows one at a time beat the dense block mask on CPU (training rows/s: 0.97x
 # at 384, 1.09x at 768, 1.30x at 1536; docs/results/speed-cpu).

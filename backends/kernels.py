@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .quantized import QuantizedMatmulFn, reference_quantized_matmul, weight_only_quantized_matmul
-from .varlen import PackedAttentionFn, PackedRows
+from .varlen import PackedAttentionFn, PackedRows, from_varlen, to_varlen
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool, float], torch.Tensor]
 RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -57,13 +57,19 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].spli
 SDPA_GROUPS = TORCH_VERSION >= (2, 5)  # enable_gqa: grouped keys and values without expanding them
 
 
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, kv_len]``, True where query ``i`` may see key ``j``: ``j <= i + kv_len - q_len`` (causal aligned to
+    the last key)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
 def causal_to_last_key(q_len: int, kv_len: int, device: torch.device) -> Any:
     """The causal mask aligned to the last key, as torch's ``causal_lower_right`` bias where torch has it (its
     fused kernels take it without a dense mask), else as a boolean tensor."""
     try:
         from torch.nn.attention.bias import causal_lower_right
     except ImportError:
-        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        return causal_mask(q_len, kv_len, device)
     return causal_lower_right(q_len, kv_len)
 
 
@@ -95,12 +101,25 @@ def eager_attention(
     v = expand_kv_groups(v, q.shape[1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is None and causal:
-        q_len, kv_len = scores.shape[-2:]
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        mask = causal_mask(*scores.shape[-2:], q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+def reference_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows,
+                               scale: float) -> torch.Tensor:
+    """Portable varlen reference: each packed row through ``sdpa_attention`` on its own, causal to its last key;
+    for tests, and the CPU's path for long packs, where a row at a time costs less than the dense block mask."""
+    batch, _, seq, _ = q.shape
+    q_flat, k_flat, v_flat = to_varlen(q, k, v, rows)
+    q_ends, k_ends = rows.host_ends()
+    outputs = []
+    for q0, q1, k0, k1 in zip([0, *q_ends[:-1]], q_ends, [0, *k_ends[:-1]], k_ends):
+        qi, ki, vi = (x.transpose(0, 1)[None] for x in (q_flat[q0:q1], k_flat[k0:k1], v_flat[k0:k1]))
+        outputs.append(sdpa_attention(qi, ki, vi, None, True, scale)[0].transpose(0, 1))
+    return from_varlen(torch.cat(outputs), batch, seq)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

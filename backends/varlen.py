@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -94,23 +93,6 @@ def from_varlen(out: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
 
 
 PackedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedRows, float], torch.Tensor]
-
-
-def reference_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PackedRows,
-                               scale: float) -> torch.Tensor:
-    """Portable reference: each row through SDPA on its own, causal to its last key; for tests, and the
-    CPU's path for long packs, where a row at a time costs less than the dense block mask."""
-    batch, heads, seq, _ = q.shape
-    q_flat, k_flat, v_flat = to_varlen(q, k, v, rows)
-    q_ends, k_ends = rows.host_ends()
-    outputs = []
-    for q0, q1, k0, k1 in zip([0, *q_ends[:-1]], q_ends, [0, *k_ends[:-1]], k_ends):
-        qi = q_flat[q0:q1].transpose(0, 1)
-        ki = k_flat[k0:k1].transpose(0, 1).repeat_interleave(heads // k_flat.shape[1], dim=0)
-        vi = v_flat[k0:k1].transpose(0, 1).repeat_interleave(heads // k_flat.shape[1], dim=0)
-        mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
-        outputs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
-    return from_varlen(torch.cat(outputs), batch, seq)
 
 
 def _torch_varlen_attn() -> Optional[Callable]:

@@ -26,7 +26,8 @@ from typing import Any, Optional
 from bench_rounds import add_workload_arguments, alternate, emit
 
 from glm_portable.backends import Backend, Kernels, select_backend
-from glm_portable.backends.varlen import PackedAttentionFn, reference_varlen_attention
+from glm_portable.backends.kernels import reference_varlen_attention
+from glm_portable.backends.varlen import PackedAttentionFn
 
 VARIANTS = {
     "thudm": {"impl": "remote", "padding": "fixed"},

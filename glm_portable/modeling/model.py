@@ -18,7 +18,7 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels
+from glm_portable.backends.kernels import PORTABLE_KERNELS, Kernels, causal_mask
 from glm_portable.backends.varlen import PackedRows, packed_rows
 
 from .config import ChatGLMConfig
@@ -197,8 +197,7 @@ def static_cache_mask(padding: Optional[torch.Tensor], batch: int, query_len: in
         raise ValueError(f"the static cache holds {slots} positions; this step needs {key_len}")
     mask, _ = build_attention_mask(padding, query_len, key_len)
     if mask is None:
-        mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
-        mask = mask[None, None].expand(batch, 1, -1, -1)
+        mask = causal_mask(query_len, key_len, device)[None, None].expand(batch, 1, -1, -1)
     return F.pad(mask, (0, slots - key_len), value=False)
 
 

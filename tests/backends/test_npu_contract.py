@@ -86,7 +86,8 @@ def test_fused_attention_on_a2_equals_reference(fake_npu, with_mask, kv_len):
 
 @pytest.mark.parametrize("prefix_len", [0, 3])
 def test_packed_rows_go_to_the_tnd_layout_and_equal_the_block_mask(fake_npu, prefix_len):
-    from glm_portable.backends.varlen import packed_rows, reference_varlen_attention
+    from glm_portable.backends.kernels import reference_varlen_attention
+    from glm_portable.backends.varlen import packed_rows
 
     kernels = get_backend("npu").kernels(torch.bfloat16)
     g = torch.Generator().manual_seed(1)

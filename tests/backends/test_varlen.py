@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from glm_portable.backends import get_backend
-from glm_portable.backends.kernels import eager_attention
 from glm_portable.backends import cpu
-from glm_portable.backends.varlen import from_varlen, packed_rows, reference_varlen_attention, to_varlen
+from glm_portable.backends.kernels import eager_attention, reference_varlen_attention
+from glm_portable.backends.varlen import from_varlen, packed_rows, to_varlen
 
 CU_SEQLENS = [0, 3, 5, 8, 12, 16, 21, 24]  # three sequences of 8: rows 3+2+3, 4+4, 5+3
 

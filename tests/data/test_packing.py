@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from glm_portable.backends.kernels import PORTABLE_KERNELS
-from glm_portable.backends.varlen import reference_varlen_attention
+from glm_portable.backends.kernels import PORTABLE_KERNELS, reference_varlen_attention
 from glm_portable.data import PreprocessOptions, preprocess
 from glm_portable.data.packing import PackedCollator, pack_rows, padding_fraction
 from glm_portable.modeling import load_model, load_tokenizer
